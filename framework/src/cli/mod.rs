@@ -1,0 +1,265 @@
+//! The `tidings` command line, also embeddable in a user's own binary.
+//!
+//! The generic binary offers what needs no user code: `migrate`, `relay`,
+//! `outbox status` and `stream show`. A user's binary can flatten
+//! [`Command`] into its own clap command and add the commands that need its
+//! code. Exit codes: 0 success, 1 operation failed, 2 invalid usage or
+//! configuration.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::error::{Error, Result};
+use crate::kafka::{KafkaConfig, TopicSpec};
+use crate::relay::{Relay, RelayConfig};
+
+/// Operate a tidings deployment: migrations, the outbox relay, status and streams.
+#[derive(Debug, Parser)]
+#[command(name = "tidings", version, about, long_about = None)]
+pub struct Cli {
+    /// Connection settings.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Settings every command shares.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// PostgreSQL URL (postgres://user:password@host:port/database).
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "KAFKA_BROKERS", global = true)]
+    pub brokers: Option<String>,
+    /// A librdkafka property passed through as it is (repeatable), e.g.
+    /// -X security.protocol=SASL_SSL -X sasl.mechanism=SCRAM-SHA-512.
+    #[arg(
+        short = 'X',
+        long = "kafka-property",
+        value_name = "KEY=VALUE",
+        global = true
+    )]
+    pub kafka_properties: Vec<String>,
+}
+
+/// The generic commands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Apply the tidings migrations to the database.
+    Migrate,
+    /// Publish the outbox to Kafka until SIGTERM or Ctrl-C.
+    Relay(RelayArgs),
+    /// Inspect the outbox.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+    /// Inspect event streams.
+    #[command(subcommand)]
+    Stream(StreamCommand),
+}
+
+/// Options of `tidings relay`.
+#[derive(Debug, Clone, Args)]
+pub struct RelayArgs {
+    /// Rows per batch.
+    #[arg(long, env = "TIDINGS_RELAY_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: i64,
+    /// Partitions of topics the relay creates.
+    #[arg(long, env = "TIDINGS_TOPIC_PARTITIONS", default_value_t = 6)]
+    pub partitions: i32,
+    /// Replication factor of topics the relay creates (default: the broker's).
+    #[arg(long, env = "TIDINGS_TOPIC_REPLICATION")]
+    pub replication: Option<i32>,
+    /// Do not create missing topics.
+    #[arg(long)]
+    pub no_create_topics: bool,
+    /// Seconds a message may take to be acknowledged before it is retried.
+    #[arg(long, env = "TIDINGS_DELIVERY_TIMEOUT_SECS", default_value_t = 30)]
+    pub delivery_timeout_secs: u64,
+}
+
+/// `tidings outbox …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum OutboxCommand {
+    /// Depth of the outbox, age of its oldest row, depth per topic.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `tidings stream …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum StreamCommand {
+    /// Print a stream's envelopes as stored, one JSON object per line.
+    Show {
+        /// The aggregate type, e.g. `order`.
+        aggregate_type: String,
+        /// The aggregate id.
+        id: String,
+    },
+}
+
+impl GlobalArgs {
+    /// Connects to the database named by `--database-url`/`DATABASE_URL`.
+    pub async fn pool(&self) -> Result<PgPool> {
+        let url = self.database_url.as_deref().ok_or_else(|| {
+            Error::Config("no database: pass --database-url or set DATABASE_URL".into())
+        })?;
+        let options: sqlx::postgres::PgConnectOptions = url
+            .parse()
+            .map_err(|_| Error::Config("DATABASE_URL is not a valid PostgreSQL URL".into()))?;
+        PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(Error::db("connecting to PostgreSQL"))
+    }
+
+    /// The Kafka settings named by `--brokers`/`KAFKA_BROKERS` and `-X`.
+    pub fn kafka(&self) -> Result<KafkaConfig> {
+        let brokers = self.brokers.clone().ok_or_else(|| {
+            Error::Config("no Kafka brokers: pass --brokers or set KAFKA_BROKERS".into())
+        })?;
+        KafkaConfig::new(brokers).with_properties(self.kafka_properties.iter().map(String::as_str))
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+impl Command {
+    /// Runs the command.
+    pub async fn run(self, global: &GlobalArgs) -> Result<()> {
+        match self {
+            Command::Migrate => {
+                let pool = global.pool().await?;
+                crate::MIGRATOR
+                    .run(&pool)
+                    .await
+                    .map_err(|source| Error::Migrate {
+                        context: "applying the tidings migrations".into(),
+                        source,
+                    })?;
+                println!("migrations applied");
+                Ok(())
+            }
+            Command::Relay(args) => {
+                let kafka = global.kafka()?;
+                let pool = global.pool().await?;
+                let mut config = RelayConfig::new(kafka)
+                    .batch_size(args.batch_size)
+                    .delivery_timeout(Duration::from_secs(args.delivery_timeout_secs.max(1)));
+                config.create_topics = if args.no_create_topics {
+                    None
+                } else {
+                    Some(TopicSpec {
+                        partitions: args.partitions,
+                        replication: args.replication,
+                        ..TopicSpec::default()
+                    })
+                };
+                tracing::info!(brokers = %config.kafka.brokers, "relay starting");
+                Relay::new(pool, config)?.run(shutdown_signal()).await
+            }
+            Command::Outbox(OutboxCommand::Status { json }) => {
+                let pool = global.pool().await?;
+                let status = crate::store::outbox_status(&pool).await?;
+                let age = status.oldest_age.map(|a| a.as_secs_f64());
+                if json {
+                    let topics: serde_json::Map<String, serde_json::Value> = status
+                        .topics
+                        .iter()
+                        .map(|(t, n)| (t.clone(), serde_json::json!(n)))
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({"depth": status.depth, "oldest_age_seconds": age, "topics": topics})
+                    );
+                } else {
+                    println!("depth: {}", status.depth);
+                    match age {
+                        Some(age) => println!("oldest: {age:.3} s"),
+                        None => println!("oldest: -"),
+                    }
+                    for (topic, n) in &status.topics {
+                        println!("  {topic}: {n}");
+                    }
+                }
+                Ok(())
+            }
+            Command::Stream(StreamCommand::Show { aggregate_type, id }) => {
+                let pool = global.pool().await?;
+                let store = crate::store::Store::new(pool);
+                let stream = store.read_stream(&aggregate_type, &id).await?;
+                if stream.is_empty() {
+                    eprintln!("no events for {aggregate_type}/{id}");
+                }
+                for envelope in stream {
+                    println!("{}", envelope.to_json());
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Sets up logging to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Maps a command's outcome to an exit code, printing the error:
+/// 0 success, 2 configuration, 1 anything else.
+pub fn exit_code(result: Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            match error {
+                Error::Config(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+/// The whole generic binary: parse arguments, set up logging, run.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    exit_code(cli.command.run(&cli.global).await)
+}

@@ -1,0 +1,148 @@
+//! Lane ownership: which relay publishes which aggregates.
+//!
+//! Every outbox row carries a lane (a hash of its aggregate). A relay owns a
+//! lane while it holds a PostgreSQL session advisory lock on it, on a
+//! connection kept for that purpose. One lane, one relay, so one aggregate's
+//! rows are only ever published by one relay at a time, in id order. When a
+//! relay dies, its connection closes and PostgreSQL releases its locks: the
+//! others take the lanes over at their next rebalance.
+//!
+//! Relays share lanes fairly: each holds a *presence* lock, counts the
+//! relays present and owns at most `ceil(lanes / relays)` lanes.
+
+use std::collections::BTreeSet;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgConnection};
+
+use crate::error::{Error, Result};
+use crate::store::OUTBOX_LANES;
+
+/// Advisory lock class of lane locks ("tdng").
+const LANE_CLASS: i32 = 0x7464_6e67;
+/// Advisory lock class of presence locks ("tdnp").
+const PRESENCE_CLASS: i32 = 0x7464_6e70;
+
+/// The lanes a relay holds, and the connection that holds them.
+pub(crate) struct Lanes {
+    options: PgConnectOptions,
+    conn: Option<PgConnection>,
+    owned: BTreeSet<i32>,
+    presence: i32,
+}
+
+impl Lanes {
+    pub(crate) fn new(options: PgConnectOptions) -> Self {
+        Lanes {
+            options,
+            conn: None,
+            owned: BTreeSet::new(),
+            presence: fastrand::i32(0..),
+        }
+    }
+
+    /// The lanes owned now.
+    pub(crate) fn owned(&self) -> Vec<i32> {
+        self.owned.iter().copied().collect()
+    }
+
+    /// Reconnects if needed, then takes free lanes up to the fair share and
+    /// gives back those above it. On a connection failure every lane is
+    /// considered lost (PostgreSQL releases them with the session).
+    pub(crate) async fn rebalance(&mut self) -> Result<()> {
+        match self.try_rebalance().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.owned.clear();
+                if let Some(conn) = self.conn.take() {
+                    let _ = conn.close().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn try_rebalance(&mut self) -> Result<()> {
+        if self.conn.is_none() {
+            let mut conn = self
+                .options
+                .connect()
+                .await
+                .map_err(Error::db("connecting the relay's lane-lock session"))?;
+            sqlx::query("SELECT pg_advisory_lock($1, $2)")
+                .bind(PRESENCE_CLASS)
+                .bind(self.presence)
+                .execute(&mut conn)
+                .await
+                .map_err(Error::db("registering the relay"))?;
+            self.conn = Some(conn);
+            self.owned.clear();
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        let relays: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND classid::bigint = $1 AND objsubid = 2",
+        )
+        .bind(i64::from(PRESENCE_CLASS))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::db("counting relays"))?;
+        let relays = relays.max(1) as u32;
+        let share = OUTBOX_LANES.div_ceil(relays) as usize;
+
+        // Give back lanes above the fair share (between batches, so nothing
+        // of those lanes is in flight here).
+        while self.owned.len() > share {
+            let lane = *self.owned.iter().next_back().expect("not empty");
+            sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                .bind(LANE_CLASS)
+                .bind(lane)
+                .execute(&mut *conn)
+                .await
+                .map_err(Error::db("releasing a lane"))?;
+            self.owned.remove(&lane);
+        }
+        // Take free lanes up to the share, starting at a random lane so that
+        // relays do not all contend for the same ones.
+        let mut wanted = share.saturating_sub(self.owned.len());
+        if wanted > 0 {
+            let held: Vec<i32> = sqlx::query_scalar(
+                "SELECT objid::bigint::int FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND classid::bigint = $1 AND objsubid = 2",
+            )
+            .bind(i64::from(LANE_CLASS))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(Error::db("listing taken lanes"))?;
+            let start = fastrand::u32(0..OUTBOX_LANES);
+            let free = (0..OUTBOX_LANES)
+                .map(|i| ((i + start) % OUTBOX_LANES) as i32)
+                .filter(|lane| !held.contains(lane) && !self.owned.contains(lane))
+                .collect::<Vec<_>>();
+            for lane in free {
+                if wanted == 0 {
+                    break;
+                }
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                    .bind(LANE_CLASS)
+                    .bind(lane)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(Error::db("taking a lane"))?;
+                if locked {
+                    self.owned.insert(lane);
+                    wanted -= 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases every lane and the presence lock.
+    pub(crate) async fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+        self.owned.clear();
+    }
+}

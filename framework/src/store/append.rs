@@ -1,0 +1,158 @@
+//! Appending events and their outbox rows in one statement.
+
+use sqlx::PgConnection;
+
+use crate::envelope::{EventContext, RawEnvelope};
+use crate::error::{Error, Result};
+use crate::event::Event;
+
+/// The number of outbox lanes. Each aggregate maps to one lane
+/// ([`lane_of`]); a relay owns whole lanes, which keeps every aggregate's
+/// events with one relay at a time. Part of the stored format: changing it
+/// requires an empty outbox.
+pub const OUTBOX_LANES: u32 = 64;
+
+/// The outbox lane of an aggregate: FNV-1a over type and id, modulo [`OUTBOX_LANES`].
+pub fn lane_of(aggregate_type: &str, aggregate_id: &str) -> i32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in aggregate_type
+        .bytes()
+        .chain([0xff])
+        .chain(aggregate_id.bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % u64::from(OUTBOX_LANES)) as i32
+}
+
+const APPEND: &str = r#"
+WITH input AS (
+    SELECT * FROM UNNEST($5::uuid[], $6::bigint[], $7::text[], $8::int[], $9::timestamptz[], $10::text[], $11::text[])
+        WITH ORDINALITY AS t(event_id, sequence, event_type, event_version, recorded_at, payload, envelope, ord)
+), events AS (
+    INSERT INTO tidings_events
+        (event_id, aggregate_type, aggregate_id, sequence, event_type, event_version,
+         recorded_at, correlation_id, causation_id, metadata, payload)
+    SELECT event_id, $1, $2, sequence, event_type, event_version,
+           recorded_at, $12, $13, $14::jsonb, payload::jsonb
+    FROM input ORDER BY ord
+    RETURNING 1
+), outbox AS (
+    INSERT INTO tidings_outbox
+        (lane, topic, message_key, aggregate_type, aggregate_id, sequence, event_id, headers, envelope)
+    SELECT $4, $3, $2, $1, $2, sequence, event_id,
+           jsonb_build_object('event_type', event_type, 'event_version', event_version::text,
+                              'event_id', event_id::text, 'aggregate_type', $1::text),
+           envelope
+    FROM input ORDER BY ord
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM outbox)
+"#;
+
+/// Appends `events` after `expected_sequence` with their outbox rows, in one
+/// round trip. A unique violation on the stream key is [`Error::Conflict`].
+pub(crate) async fn append<E: Event>(
+    conn: &mut PgConnection,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    topic: &str,
+    expected_sequence: u64,
+    events: &[E],
+    context: &EventContext,
+) -> Result<Vec<RawEnvelope>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    crate::names::validate_topic_name(topic)?;
+    let what = || {
+        format!(
+            "appending {} events to {aggregate_type}/{aggregate_id}",
+            events.len()
+        )
+    };
+    let mut envelopes = Vec::with_capacity(events.len());
+    for (i, event) in events.iter().enumerate() {
+        let sequence = expected_sequence + 1 + i as u64;
+        let encoded =
+            RawEnvelope::from_event(aggregate_type, aggregate_id, sequence, event, context)
+                .map_err(|source| Error::Encode {
+                    context: format!("{}: encoding `{}`", what(), event.event_type()),
+                    source,
+                })?;
+        envelopes.push(encoded);
+    }
+
+    let n = envelopes.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut sequences = Vec::with_capacity(n);
+    let mut types = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    let mut times = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut wire = Vec::with_capacity(n);
+    for envelope in &envelopes {
+        ids.push(envelope.event_id);
+        sequences.push(envelope.sequence as i64);
+        types.push(envelope.event_type.as_str());
+        versions.push(envelope.event_version as i32);
+        times.push(envelope.timestamp);
+        payloads.push(envelope.payload.to_string());
+        wire.push(envelope.to_json());
+    }
+    let metadata = serde_json::to_string(&context.metadata).expect("a string map serializes");
+
+    let result = sqlx::query_scalar::<_, i64>(APPEND)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(topic)
+        .bind(lane_of(aggregate_type, aggregate_id))
+        .bind(&ids)
+        .bind(&sequences)
+        .bind(&types)
+        .bind(&versions)
+        .bind(&times)
+        .bind(&payloads)
+        .bind(&wire)
+        .bind(context.correlation_id.as_deref())
+        .bind(context.causation_id.as_deref())
+        .bind(metadata)
+        .fetch_one(&mut *conn)
+        .await;
+    match result {
+        Ok(_) => Ok(envelopes),
+        Err(sqlx::Error::Database(db))
+            if db.constraint() == Some("tidings_events_stream_sequence") =>
+        {
+            // The transaction is aborted now; the caller reads the actual
+            // sequence on another connection.
+            Err(Error::Conflict {
+                aggregate_type: aggregate_type.to_owned(),
+                aggregate_id: aggregate_id.to_owned(),
+                expected: expected_sequence,
+                actual: 0,
+            })
+        }
+        Err(e) => Err(Error::db(what())(e)),
+    }
+}
+
+/// The last sequence of a stream (0 when it has no event).
+pub(crate) async fn current_sequence(
+    pool: &sqlx::PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<u64> {
+    let max: Option<i64> = sqlx::query_scalar(
+        "SELECT max(sequence) FROM tidings_events WHERE aggregate_type = $1 AND aggregate_id = $2",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .fetch_one(pool)
+    .await
+    .map_err(Error::db(format!(
+        "reading the sequence of {aggregate_type}/{aggregate_id}"
+    )))?;
+    Ok(max.unwrap_or(0) as u64)
+}

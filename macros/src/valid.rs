@@ -1,0 +1,137 @@
+//! Rules across variants and upcasters, checked before any code is written.
+
+use std::collections::BTreeMap;
+
+use syn::{Error, Result};
+
+use crate::ast::Input;
+use crate::attr::UpcastKind;
+
+pub(crate) fn validate(input: &Input<'_>) -> Result<()> {
+    let mut errors: Vec<Error> = Vec::new();
+
+    if let Some(topic) = &input.topic
+        && let Err(why) = topic_name_problem(topic)
+    {
+        errors.push(Error::new(
+            input.ident.span(),
+            format!("invalid topic `{topic}`: {why}"),
+        ));
+    }
+
+    // Every (wire name, version) a variant decodes must belong to one variant only.
+    let mut keys: BTreeMap<(String, u32), String> = BTreeMap::new();
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    for variant in &input.variants {
+        if let Some(first) = names.insert(variant.name.clone(), variant.ident.to_string()) {
+            errors.push(Error::new(
+                variant.name_span,
+                format!(
+                    "duplicate event name `{}`: variant `{first}` already uses it",
+                    variant.name
+                ),
+            ));
+            continue;
+        }
+        keys.insert(
+            (variant.name.clone(), variant.version),
+            variant.ident.to_string(),
+        );
+    }
+
+    for variant in &input.variants {
+        let mut froms: BTreeMap<u32, &crate::attr::Upcast> = BTreeMap::new();
+        for upcast in &variant.upcasts {
+            if upcast.from >= variant.version {
+                errors.push(Error::new(
+                    upcast.from_span,
+                    format!(
+                        "upcaster from version {} of `{}` is not below its current version {}; raise `version` or remove the upcaster",
+                        upcast.from, variant.name, variant.version
+                    ),
+                ));
+                continue;
+            }
+            if froms.insert(upcast.from, upcast).is_some() {
+                errors.push(Error::new(
+                    upcast.from_span,
+                    format!(
+                        "duplicate upcaster from version {} of `{}`",
+                        upcast.from, variant.name
+                    ),
+                ));
+                continue;
+            }
+            let key = (variant.name_at(upcast.from), upcast.from);
+            if let Some(other) = keys.insert(key.clone(), variant.ident.to_string()) {
+                errors.push(Error::new(
+                    upcast.span,
+                    format!(
+                        "`{}` version {} is already decoded by variant `{other}`",
+                        key.0, key.1
+                    ),
+                ));
+            }
+        }
+        // A complete chain: from the oldest declared version up to the current one.
+        if let Some((&oldest, first)) = froms.iter().next() {
+            for missing in (oldest..variant.version).filter(|v| !froms.contains_key(v)) {
+                errors.push(Error::new(
+                    first.span,
+                    format!(
+                        "missing upcaster from version {missing} of `{}`: the chain from version {oldest} must reach version {} one step at a time",
+                        variant.name, variant.version
+                    ),
+                ));
+            }
+        }
+        // A typed step converts into the next typed payload, or into the event
+        // itself when it is the last step; JSON cannot follow a typed step.
+        for (from, upcast) in &froms {
+            if let UpcastKind::Typed(_) = upcast.kind
+                && let Some(next) = froms.get(&(from + 1))
+                && let UpcastKind::Json(_) = next.kind
+            {
+                errors.push(Error::new(
+                    upcast.span,
+                    format!(
+                        "typed upcaster from version {from} of `{}` must be followed by a typed upcaster from version {} (it converts into that type with `Into`); make both typed or both `json`",
+                        variant.name,
+                        from + 1
+                    ),
+                ));
+            }
+        }
+    }
+
+    let mut errors = errors.into_iter();
+    match errors.next() {
+        None => Ok(()),
+        Some(mut first) => {
+            for e in errors {
+                first.combine(e);
+            }
+            Err(first)
+        }
+    }
+}
+
+/// The rules Kafka applies to topic names.
+fn topic_name_problem(topic: &str) -> std::result::Result<(), &'static str> {
+    if topic.is_empty() {
+        return Err("it is empty");
+    }
+    if topic.len() > 249 {
+        return Err("it is longer than 249 characters");
+    }
+    if topic == "." || topic == ".." {
+        return Err("`.` and `..` are reserved");
+    }
+    if !topic
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err("only ASCII letters, digits, `.`, `_` and `-` are allowed");
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+#[derive(tidings::Event)]
+enum OrderEvent {}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[derive(tidings::Event)]
+enum OrderEvent<T> {
+    OrderCreated { order_id: T },
+}
+
+fn main() {}

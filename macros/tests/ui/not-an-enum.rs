@@ -1,0 +1,6 @@
+#[derive(tidings::Event)]
+struct OrderCreated {
+    order_id: String,
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[derive(tidings::Event)]
+enum OrderEvent {
+    OrderCreated(String, u64),
+}
+
+fn main() {}

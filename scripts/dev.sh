@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Development services for tidings: PostgreSQL and a real Kafka-protocol broker
+# on loopback. Every command is idempotent.
+#
+#   scripts/dev.sh up          start PostgreSQL (if down) and the broker (installing it once)
+#   scripts/dev.sh down        stop the broker this script started (by pid)
+#   scripts/dev.sh status      say what runs where
+#   scripts/dev.sh env         print the environment the tests and examples use
+#   scripts/dev.sh test        up, then run the whole test suite
+#   scripts/dev.sh quickstart  up, then run the quick start
+#
+# Settings (environment): TIDINGS_CACHE (install and run folder, default
+# ~/.cache/tidings), TIDINGS_BROKER_PORT (default 9092), TIDINGS_PG_PORT (5432).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NISSHI_VERSION="0.8.1"
+CACHE="${TIDINGS_CACHE:-$HOME/.cache/tidings}"
+NISSHI_ROOT="$CACHE/nisshi-$NISSHI_VERSION"
+NISSHI="$NISSHI_ROOT/bin/nisshi"
+RUN_DIR="$CACHE/run"
+BROKER_PORT="${TIDINGS_BROKER_PORT:-9092}"
+PG_PORT="${TIDINGS_PG_PORT:-5432}"
+BROKER_PID="$RUN_DIR/broker-$BROKER_PORT.pid"
+BROKER_LOG="$RUN_DIR/broker-$BROKER_PORT.log"
+
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:$PG_PORT/postgres}"
+export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:$BROKER_PORT}"
+
+say() { printf '[dev] %s\n' "$*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+pg_up() {
+    if port_open "$PG_PORT"; then
+        say "postgres: answering on 127.0.0.1:$PG_PORT"
+        return
+    fi
+    if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+        say "postgres: no server on 127.0.0.1:$PG_PORT and none installed."
+        say "  install one with: apt-get install -y postgresql  (then rerun this script)"
+        exit 1
+    fi
+    local version
+    version="$(ls /etc/postgresql | sort -V | tail -n 1)"
+    say "postgres: starting cluster $version/main"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    for _ in $(seq 1 60); do
+        port_open "$PG_PORT" && { say "postgres: answering on 127.0.0.1:$PG_PORT"; return; }
+        sleep 0.5
+    done
+    say "postgres: did not come up on 127.0.0.1:$PG_PORT"
+    exit 1
+}
+
+broker_install() {
+    if [ -x "$NISSHI" ] && "$NISSHI" --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then
+        return
+    fi
+    say "broker: installing nisshi $NISSHI_VERSION into $NISSHI_ROOT (once; ~11 min on 2 cores)"
+    mkdir -p "$NISSHI_ROOT"
+    CARGO_TARGET_DIR="$CACHE/nisshi-build" cargo install nisshi --version "$NISSHI_VERSION" --locked \
+        --ignore-rust-version --no-default-features --features postgres,dynostore \
+        --root "$NISSHI_ROOT"
+    rm -rf "$CACHE/nisshi-build"
+}
+
+broker_running() {
+    [ -f "$BROKER_PID" ] && kill -0 "$(cat "$BROKER_PID")" 2>/dev/null
+}
+
+broker_up() {
+    if broker_running && port_open "$BROKER_PORT"; then
+        say "broker: nisshi $NISSHI_VERSION listening on 127.0.0.1:$BROKER_PORT (pid $(cat "$BROKER_PID"))"
+        return
+    fi
+    if port_open "$BROKER_PORT"; then
+        say "broker: something else listens on 127.0.0.1:$BROKER_PORT; using it"
+        return
+    fi
+    broker_install
+    mkdir -p "$RUN_DIR"
+    say "broker: starting nisshi on 127.0.0.1:$BROKER_PORT (in-memory storage, log $BROKER_LOG)"
+    nohup "$NISSHI" broker \
+        --listener-url "tcp://127.0.0.1:$BROKER_PORT" \
+        --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" \
+        --storage-engine "memory://nisshi/" >"$BROKER_LOG" 2>&1 </dev/null &
+    echo $! >"$BROKER_PID"
+    for _ in $(seq 1 120); do
+        if port_open "$BROKER_PORT"; then
+            say "broker: nisshi $NISSHI_VERSION listening on 127.0.0.1:$BROKER_PORT (pid $(cat "$BROKER_PID"))"
+            return
+        fi
+        broker_running || { say "broker: exited at start; log follows"; tail -n 40 "$BROKER_LOG" >&2; exit 1; }
+        sleep 0.5
+    done
+    say "broker: not accepting connections after 60 s; log follows"
+    tail -n 40 "$BROKER_LOG" >&2
+    exit 1
+}
+
+broker_down() {
+    if broker_running; then
+        local pid
+        pid="$(cat "$BROKER_PID")"
+        say "broker: stopping pid $pid"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+        kill -9 "$pid" 2>/dev/null || true
+    else
+        say "broker: not running (started by this script)"
+    fi
+    rm -f "$BROKER_PID"
+}
+
+cmd="${1:-up}"
+case "$cmd" in
+    up) pg_up; broker_up ;;
+    down) broker_down ;;
+    status)
+        port_open "$PG_PORT" && say "postgres: up on 127.0.0.1:$PG_PORT" || say "postgres: down"
+        broker_running && say "broker: up on 127.0.0.1:$BROKER_PORT (pid $(cat "$BROKER_PID"))" || say "broker: down"
+        ;;
+    env)
+        echo "export DATABASE_URL=$DATABASE_URL"
+        echo "export KAFKA_BROKERS=$KAFKA_BROKERS"
+        echo "export TIDINGS_NISSHI=$NISSHI"
+        ;;
+    test)
+        pg_up; broker_up
+        cd "$ROOT"
+        export TIDINGS_NISSHI="$NISSHI"
+        cargo test --workspace --locked "${@:2}"
+        ;;
+    quickstart)
+        pg_up; broker_up
+        cd "$ROOT"
+        cargo run --locked -p tidings-examples --example quickstart -- "${@:2}"
+        ;;
+    *) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 2 ;;
+esac

@@ -1,0 +1,281 @@
+//! Shared harness for the integration tests: a fresh PostgreSQL database per
+//! test and fresh topic names on the real broker.
+//!
+//! Connection settings come from `DATABASE_URL` (a server-level URL; the
+//! harness creates and drops its own databases on it) and `KAFKA_BROKERS`,
+//! both set by `scripts/dev.sh test`.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor, PgPool};
+
+/// The PostgreSQL server URL the tests use.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// The broker list the tests use.
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// A short random suffix for database and topic names.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A database created for one test, migrated, and dropped when the value is dropped.
+#[derive(Debug)]
+pub struct TestDb {
+    /// A pool connected to the test database.
+    pub pool: PgPool,
+    /// The database's name.
+    pub name: String,
+    options: PgConnectOptions,
+}
+
+impl TestDb {
+    /// Creates a fresh database and runs the tidings migrations on it.
+    pub async fn new() -> TestDb {
+        let db = TestDb::empty().await;
+        tidings::MIGRATOR
+            .run(&db.pool)
+            .await
+            .expect("running the tidings migrations");
+        db
+    }
+
+    /// Creates a fresh database without running any migration.
+    pub async fn empty() -> TestDb {
+        let server: PgConnectOptions = database_url().parse().expect("DATABASE_URL is a valid URL");
+        let name = unique("tidings_test");
+        let mut admin = server
+            .connect()
+            .await
+            .expect("connecting to PostgreSQL (is it up? scripts/dev.sh up)");
+        admin
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("creating the test database");
+        admin.close().await.ok();
+        let options = server.clone().database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options.clone())
+            .await
+            .expect("connecting to the test database");
+        TestDb {
+            pool,
+            name,
+            options: server.database("postgres"),
+        }
+    }
+
+    /// Connection options for the test database (for a second pool or a child process).
+    pub fn connect_options(&self) -> PgConnectOptions {
+        self.options.clone().database(&self.name)
+    }
+
+    /// A URL for the test database, for child processes.
+    pub fn url(&self) -> String {
+        let base = database_url();
+        match base.rfind('/') {
+            Some(i) if base[..i].contains("://") && base[..i].matches('/').count() >= 2 => {
+                let (head, tail) = base.split_at(i);
+                let query = tail.find('?').map(|q| &tail[q..]).unwrap_or("");
+                format!("{head}/{}{query}", self.name)
+            }
+            _ => format!("{base}/{}", self.name),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let options = self.options.clone();
+        let name = self.name.clone();
+        let dropper = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                let mut admin = options.connect().await.ok()?;
+                admin
+                    .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                    .await
+                    .ok()?;
+                admin.close().await.ok()
+            })
+        });
+        let _ = dropper.join();
+    }
+}
+
+/// A client configuration for the test broker.
+pub fn kafka_config() -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers());
+    config
+}
+
+/// Creates a topic with `partitions` partitions and returns its name.
+pub async fn create_topic(prefix: &str, partitions: i32) -> String {
+    let name = unique(prefix);
+    let admin: AdminClient<DefaultClientContext> = kafka_config()
+        .create()
+        .expect("creating a Kafka admin client");
+    let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics(
+            [&topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("creating a topic (is the broker up? scripts/dev.sh up)");
+    for result in results {
+        result.unwrap_or_else(|(topic, code)| panic!("creating topic {topic}: {code}"));
+    }
+    name
+}
+
+/// One message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The message key.
+    pub key: String,
+    /// The value, parsed as an envelope.
+    pub envelope: tidings::RawEnvelope,
+    /// The raw value.
+    pub value: String,
+    /// Headers as (name, value).
+    pub headers: Vec<(String, String)>,
+    /// Partition and offset.
+    pub partition: i32,
+    /// Offset in the partition.
+    pub offset: i64,
+}
+
+/// Reads `topic` from the beginning with a fresh consumer group until at
+/// least `at_least` messages arrived and nothing more came for `quiet`, or
+/// `deadline` passed. Returns the messages in partition-offset order per
+/// partition as consumed.
+pub async fn consume(
+    topic: &str,
+    at_least: usize,
+    quiet: Duration,
+    deadline: Duration,
+) -> Vec<Received> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+    let consumer: StreamConsumer = kafka_config()
+        .set("group.id", unique("test_reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("creating a consumer");
+    consumer.subscribe(&[topic]).expect("subscribing");
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    loop {
+        let wait = if out.len() >= at_least {
+            quiet
+        } else {
+            Duration::from_secs(1)
+        };
+        match tokio::time::timeout(wait, consumer.recv()).await {
+            Ok(Ok(message)) => {
+                let value = String::from_utf8(message.payload().unwrap_or_default().to_vec())
+                    .expect("UTF-8 value");
+                let headers = message
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|hd| {
+                                (
+                                    hd.key.to_owned(),
+                                    String::from_utf8_lossy(hd.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Received {
+                    key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+                    envelope: tidings::RawEnvelope::from_slice(value.as_bytes())
+                        .expect("an envelope"),
+                    value,
+                    headers,
+                    partition: message.partition(),
+                    offset: message.offset(),
+                });
+            }
+            Ok(Err(e)) => panic!("consuming {topic}: {e}"),
+            Err(_) if out.len() >= at_least => return out,
+            Err(_) => {}
+        }
+        if started.elapsed() > deadline {
+            return out;
+        }
+    }
+}
+
+/// Checks per-aggregate order and completeness of what a topic delivered.
+/// Duplicates are allowed; the first occurrences of each aggregate's
+/// sequences must be 1, 2, 3, … `expected[aggregate]`. Returns the number of
+/// duplicates seen.
+pub fn check_streams(
+    received: &[Received],
+    expected: &std::collections::BTreeMap<String, u64>,
+) -> usize {
+    use std::collections::BTreeMap;
+    let mut first: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut duplicates = 0;
+    for message in received {
+        assert_eq!(
+            message.key, message.envelope.aggregate_id,
+            "key = aggregate id"
+        );
+        let id = message.envelope.aggregate_id.as_str();
+        if seen.insert((id, message.envelope.sequence)) {
+            first.entry(id).or_default().push(message.envelope.sequence);
+        } else {
+            duplicates += 1;
+        }
+    }
+    for (aggregate, count) in expected {
+        let got = first.get(aggregate.as_str()).cloned().unwrap_or_default();
+        assert_eq!(
+            got,
+            (1..=*count).collect::<Vec<_>>(),
+            "stream {aggregate}: order or completeness"
+        );
+    }
+    assert_eq!(first.len(), expected.len(), "no unexpected aggregates");
+    duplicates
+}
+
+/// Path of the `tidings` binary built alongside the tests.
+pub fn tidings_bin() -> std::path::PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_tidings") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("tidings");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p tidings` first",
+        bin.display()
+    );
+    bin
+}

@@ -1,0 +1,380 @@
+//! The outbox relay against real PostgreSQL and the real broker.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tidings::kafka::KafkaConfig;
+use tidings::relay::{Relay, RelayConfig};
+use tidings::{EventContext, Store, StoreConfig};
+use tidings_examples::orders::{Order, OrderCommand};
+use tidings_tests::{TestDb, brokers, check_streams, consume, tidings_bin, unique};
+use tokio::sync::oneshot;
+
+fn create(id: &str) -> OrderCommand {
+    OrderCommand::Create {
+        order_id: id.into(),
+        user_id: "U".into(),
+        amount: 5.0,
+        currency: "EUR".into(),
+    }
+}
+
+fn relay_config() -> RelayConfig {
+    RelayConfig::new(KafkaConfig::new(brokers())).poll_interval(Duration::from_millis(200))
+}
+
+/// Runs a relay in the background until the returned sender is dropped or fired.
+fn spawn_relay(
+    db: &TestDb,
+    config: RelayConfig,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<tidings::Result<()>>,
+) {
+    let relay = Relay::new(db.pool.clone(), config).expect("relay");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(relay.run(async move {
+        let _ = stopped.await;
+    }));
+    (stop, handle)
+}
+
+async fn wait_outbox_empty(db: &TestDb, within: Duration) {
+    let start = Instant::now();
+    loop {
+        let depth = tidings::store::outbox_status(&db.pool).await.unwrap().depth;
+        if depth == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "outbox still has {depth} rows after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_events_arrive_exactly_as_stored_and_rolled_back_ones_never() {
+    let db = TestDb::new().await;
+    let prefix = format!("{}.", unique("t"));
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig::default().topic_prefix(&prefix),
+    );
+    let topic = store.topic_of::<Order>();
+    let (stop, relay) = spawn_relay(&db, relay_config());
+
+    store
+        .execute::<Order>("ORD-1", create("ORD-1"))
+        .await
+        .unwrap();
+    store
+        .execute::<Order>(
+            "ORD-1",
+            OrderCommand::Pay {
+                payment_id: "P".into(),
+                amount: 5.0,
+            },
+        )
+        .await
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    store
+        .execute_in::<Order>(
+            &mut tx,
+            "ORD-GONE",
+            create("ORD-GONE"),
+            &EventContext::new(),
+        )
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    store
+        .execute::<Order>("ORD-2", create("ORD-2"))
+        .await
+        .unwrap();
+
+    wait_outbox_empty(&db, Duration::from_secs(30)).await;
+    let received = consume(&topic, 3, Duration::from_secs(2), Duration::from_secs(30)).await;
+    assert_eq!(
+        received.len(),
+        3,
+        "three committed events, the rolled-back one never"
+    );
+    for id in ["ORD-1", "ORD-2"] {
+        let stored = store.read_stream("order", id).await.unwrap();
+        let got: Vec<_> = received.iter().filter(|m| m.key == id).collect();
+        assert_eq!(got.len(), stored.len());
+        for (message, envelope) in got.iter().zip(&stored) {
+            assert_eq!(&message.envelope, envelope, "arrives exactly as stored");
+            assert_eq!(message.value, envelope.to_json());
+            let headers: BTreeMap<_, _> = message.headers.iter().cloned().collect();
+            assert_eq!(headers["event_type"], envelope.event_type);
+            assert_eq!(headers["event_version"], envelope.event_version.to_string());
+            assert_eq!(headers["event_id"], envelope.event_id.to_string());
+            assert_eq!(headers["aggregate_type"], "order");
+        }
+    }
+    assert!(received.iter().all(|m| m.key != "ORD-GONE"));
+    stop.send(()).unwrap();
+    relay.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_keep_every_aggregate_in_order() {
+    let aggregates: u64 = std::env::var("TIDINGS_TEST_AGGREGATES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let per: u64 = std::env::var("TIDINGS_TEST_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let db = TestDb::new().await;
+    let prefix = format!("{}.", unique("t"));
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig::default().topic_prefix(&prefix),
+    );
+    let topic = store.topic_of::<Order>();
+    let relays: Vec<_> = (0..3)
+        .map(|_| spawn_relay(&db, relay_config().batch_size(200)))
+        .collect();
+
+    // Write while the relays run: each aggregate gets `per` events, written
+    // in rounds so that all streams grow concurrently.
+    let ids: Vec<String> = (0..aggregates).map(|i| format!("ORD-{i:04}")).collect();
+    let mut conn = db.pool.acquire().await.unwrap();
+    for round in 0..per {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+        for id in &ids {
+            let event = if round == 0 {
+                tidings_examples::orders::OrderEvent::OrderCreated {
+                    order_id: id.clone(),
+                    user_id: "U".into(),
+                    amount: 1.0,
+                    currency: "EUR".into(),
+                }
+            } else {
+                tidings_examples::orders::OrderEvent::PaymentProcessed {
+                    payment_id: format!("P{round}"),
+                    amount: 1.0,
+                }
+            };
+            store
+                .append::<Order>(&mut tx, id, round, &[event], &EventContext::new())
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    drop(conn);
+    wait_outbox_empty(&db, Duration::from_secs(120)).await;
+    let total = (aggregates * per) as usize;
+    let received = consume(
+        &topic,
+        total,
+        Duration::from_secs(3),
+        Duration::from_secs(120),
+    )
+    .await;
+    let expected: BTreeMap<String, u64> = ids.iter().map(|id| (id.clone(), per)).collect();
+    let duplicates = check_streams(&received, &expected);
+    println!(
+        "3 relays: {total} events, {} received, {duplicates} duplicates",
+        received.len()
+    );
+    for (stop, handle) in relays {
+        stop.send(()).unwrap();
+        handle.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_with_a_lower_id_is_still_published() {
+    let db = TestDb::new().await;
+    let prefix = format!("{}.", unique("t"));
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig::default().topic_prefix(&prefix),
+    );
+    let topic = store.topic_of::<Order>();
+    let (stop, relay) = spawn_relay(&db, relay_config());
+
+    // A takes the lower outbox id but commits last.
+    let mut slow = db.pool.begin().await.unwrap();
+    store
+        .execute_in::<Order>(
+            &mut slow,
+            "ORD-SLOW",
+            create("ORD-SLOW"),
+            &EventContext::new(),
+        )
+        .await
+        .unwrap();
+    store
+        .execute::<Order>("ORD-FAST", create("ORD-FAST"))
+        .await
+        .unwrap();
+    let fast = consume(
+        &topic,
+        1,
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        fast.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+        ["ORD-FAST"]
+    );
+    slow.commit().await.unwrap();
+
+    wait_outbox_empty(&db, Duration::from_secs(30)).await;
+    let all = consume(&topic, 2, Duration::from_secs(1), Duration::from_secs(30)).await;
+    let mut keys: Vec<_> = all.iter().map(|m| m.key.clone()).collect();
+    keys.sort();
+    assert_eq!(keys, ["ORD-FAST", "ORD-SLOW"]);
+    stop.send(()).unwrap();
+    relay.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_wakes_on_commit() {
+    let db = TestDb::new().await;
+    let prefix = format!("{}.", unique("t"));
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig::default().topic_prefix(&prefix),
+    );
+    // Poll only every 30 s: anything faster is the notification.
+    let (stop, relay) = spawn_relay(&db, relay_config().poll_interval(Duration::from_secs(30)));
+    store
+        .execute::<Order>("ORD-0", create("ORD-0"))
+        .await
+        .unwrap();
+    wait_outbox_empty(&db, Duration::from_secs(20)).await; // topic creation on first use
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let start = Instant::now();
+    store
+        .execute::<Order>("ORD-1", create("ORD-1"))
+        .await
+        .unwrap();
+    wait_outbox_empty(&db, Duration::from_secs(5)).await;
+    let latency = start.elapsed();
+    println!("idle relay: commit to acknowledged and deleted in {latency:?}");
+    assert!(
+        latency < Duration::from_secs(5),
+        "woken by the notification, not the 30 s poll"
+    );
+    stop.send(()).unwrap();
+    relay.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn invalid_topics_and_settings_are_refused_clearly() {
+    let error = tidings::validate_topic_name("orders and payments").unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("invalid topic name `orders and payments`"),
+        "{error}"
+    );
+    let db = TestDb::new().await;
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig::default().topic_prefix("bad prefix/"),
+    );
+    let error = store
+        .execute::<Order>("ORD-1", create("ORD-1"))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("invalid topic name"), "{error}");
+
+    let config = RelayConfig::new(KafkaConfig::new(brokers()).set("enable.idempotence", "false"));
+    let error = Relay::new(db.pool.clone(), config).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("requires enable.idempotence=true"),
+        "{error}"
+    );
+    let error = KafkaConfig::new("x")
+        .with_properties(["novalue"])
+        .unwrap_err();
+    assert!(error.to_string().contains("key=value"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_processes_killed_mid_batch_lose_nothing() {
+    let aggregates = 50u64;
+    let per = 40u64;
+    let db = TestDb::new().await;
+    let prefix = format!("{}.", unique("t"));
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig::default().topic_prefix(&prefix),
+    );
+    let topic = store.topic_of::<Order>();
+    let spawn = || {
+        std::process::Command::new(tidings_bin())
+            .args(["relay", "--batch-size", "50"])
+            .env("DATABASE_URL", db.url())
+            .env("KAFKA_BROKERS", brokers())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawning tidings relay")
+    };
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for round in 0..per {
+                for i in 0..aggregates {
+                    let id = format!("ORD-{i:03}");
+                    let event = tidings_examples::orders::OrderEvent::PaymentProcessed {
+                        payment_id: format!("P{round}"),
+                        amount: 1.0,
+                    };
+                    let mut conn = store.pool().acquire().await.unwrap();
+                    store
+                        .append::<Order>(&mut conn, &id, round, &[event], &EventContext::new())
+                        .await
+                        .unwrap();
+                }
+            }
+        })
+    };
+    let mut kills = 0;
+    let mut child = spawn();
+    while !writer.is_finished() || kills < 4 {
+        tokio::time::sleep(Duration::from_millis(300 + fastrand::u64(0..400))).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+        child = spawn();
+        if kills > 40 {
+            break;
+        }
+    }
+    writer.await.unwrap();
+    wait_outbox_empty(&db, Duration::from_secs(60)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let total = (aggregates * per) as usize;
+    let received = consume(
+        &topic,
+        total,
+        Duration::from_secs(3),
+        Duration::from_secs(120),
+    )
+    .await;
+    let expected: BTreeMap<String, u64> = (0..aggregates)
+        .map(|i| (format!("ORD-{i:03}"), per))
+        .collect();
+    let duplicates = check_streams(&received, &expected);
+    println!(
+        "relay SIGKILLed {kills} times: {total} events, none lost, {duplicates} duplicates absorbed"
+    );
+}

@@ -1,0 +1,446 @@
+//! The PostgreSQL store and outbox against a real database (one per test).
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::Row;
+use tidings::{
+    Aggregate, Error, Event, EventContext, ExecuteError, RawEnvelope, Store, StoreConfig,
+};
+use tidings_examples::orders::{Order, OrderCommand, OrderError, OrderEvent, OrderStatus};
+use tidings_tests::TestDb;
+
+fn create(id: &str, amount: f64) -> OrderCommand {
+    OrderCommand::Create {
+        order_id: id.into(),
+        user_id: "USR-1".into(),
+        amount,
+        currency: "EUR".into(),
+    }
+}
+
+/// A ledger: every deposit is accepted, so concurrent commands must all land.
+#[derive(Debug, Clone, PartialEq, Event)]
+enum LedgerEvent {
+    Deposited { amount: i64, by: u32 },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Ledger {
+    balance: i64,
+    deposits: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("never")]
+struct Never;
+
+impl Aggregate for Ledger {
+    const TYPE: &'static str = "ledger";
+    const SNAPSHOT_EVERY: u64 = 5;
+    type Event = LedgerEvent;
+    type Command = (i64, u32);
+    type Error = Never;
+
+    fn handle(&self, (amount, by): (i64, u32)) -> Result<Vec<LedgerEvent>, Never> {
+        Ok(vec![LedgerEvent::Deposited { amount, by }])
+    }
+
+    fn apply(&mut self, event: &LedgerEvent) {
+        let LedgerEvent::Deposited { amount, .. } = event;
+        self.balance += amount;
+        self.deposits += 1;
+    }
+}
+
+async fn outbox_rows(db: &TestDb) -> Vec<sqlx::postgres::PgRow> {
+    sqlx::query("SELECT * FROM tidings_outbox ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn append_load_and_outbox_rows_match_exactly() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let context = EventContext::new()
+        .correlation_id("req-1")
+        .metadata("tenant", "acme");
+    let first = store
+        .execute_with::<Order>("ORD-1", create("ORD-1", 10.0), &context)
+        .await
+        .unwrap();
+    assert_eq!((first.sequence, first.envelopes.len()), (1, 1));
+    let paid = store
+        .execute::<Order>(
+            "ORD-1",
+            OrderCommand::Pay {
+                payment_id: "P-1".into(),
+                amount: 10.0,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(paid.sequence, 2);
+    assert_eq!(paid.state.status, OrderStatus::Paid);
+
+    let loaded = store.load::<Order>("ORD-1").await.unwrap();
+    assert_eq!(loaded.sequence, 2);
+    assert_eq!(loaded.state, paid.state);
+
+    let stream = store.read_stream("order", "ORD-1").await.unwrap();
+    let committed: Vec<RawEnvelope> = first.envelopes.into_iter().chain(paid.envelopes).collect();
+    assert_eq!(
+        stream, committed,
+        "the stream reads back exactly as appended"
+    );
+    assert_eq!(stream[0].correlation_id.as_deref(), Some("req-1"));
+    assert_eq!(stream[0].metadata["tenant"], "acme");
+    assert_eq!(stream[0].payload["currency"], "EUR");
+
+    let rows = outbox_rows(&db).await;
+    assert_eq!(rows.len(), 2);
+    for (row, envelope) in rows.iter().zip(&committed) {
+        assert_eq!(row.get::<String, _>("topic"), "orders");
+        assert_eq!(row.get::<String, _>("message_key"), "ORD-1");
+        assert_eq!(row.get::<i64, _>("sequence") as u64, envelope.sequence);
+        assert_eq!(row.get::<uuid::Uuid, _>("event_id"), envelope.event_id);
+        let wire = RawEnvelope::from_slice(row.get::<String, _>("envelope").as_bytes()).unwrap();
+        assert_eq!(&wire, envelope, "the outbox carries the stored envelope");
+        assert_eq!(
+            row.get::<String, _>("envelope"),
+            envelope.to_json(),
+            "byte for byte"
+        );
+        let headers: serde_json::Value = row.get("headers");
+        assert_eq!(
+            headers,
+            json!({
+                "event_type": envelope.event_type,
+                "event_version": envelope.event_version.to_string(),
+                "event_id": envelope.event_id.to_string(),
+                "aggregate_type": "order",
+            })
+        );
+    }
+}
+
+#[tokio::test]
+async fn domain_errors_stay_apart_and_write_nothing() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let error = store
+        .execute::<Order>(
+            "ORD-404",
+            OrderCommand::Pay {
+                payment_id: "P".into(),
+                amount: 1.0,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, ExecuteError::Rejected(OrderError::NotFound)),
+        "{error}"
+    );
+    store
+        .execute::<Order>("ORD-1", create("ORD-1", 5.0))
+        .await
+        .unwrap();
+    let error = store
+        .execute::<Order>(
+            "ORD-1",
+            OrderCommand::Pay {
+                payment_id: "P".into(),
+                amount: 4.0,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        ExecuteError::Rejected(OrderError::WrongAmount { .. })
+    ));
+    assert_eq!(outbox_rows(&db).await.len(), 1);
+}
+
+#[tokio::test]
+async fn old_versions_are_upcast_on_load_and_never_rewritten() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    // An OrderCreated v1 row written by older code: no currency.
+    sqlx::query(
+        "INSERT INTO tidings_events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
+         event_version, recorded_at, payload) VALUES ($1, 'order', 'ORD-OLD', 1, 'OrderCreated', 1, now(), $2)",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(json!({"order_id": "ORD-OLD", "user_id": "USR-9", "amount": 20.0}))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let loaded = store.load::<Order>("ORD-OLD").await.unwrap();
+    assert_eq!(loaded.state.currency, "USD");
+    assert_eq!(loaded.state.status, OrderStatus::Created);
+    store
+        .execute::<Order>(
+            "ORD-OLD",
+            OrderCommand::Pay {
+                payment_id: "P".into(),
+                amount: 20.0,
+            },
+        )
+        .await
+        .unwrap();
+    let stream = store.read_stream("order", "ORD-OLD").await.unwrap();
+    assert_eq!(
+        (stream[0].event_version, stream[1].sequence),
+        (1, 2),
+        "the v1 row is kept as it was"
+    );
+    let decoded = stream[0].clone().decode::<OrderEvent>().unwrap();
+    assert_eq!(decoded.event_version, 2);
+}
+
+#[tokio::test]
+async fn a_stale_append_is_a_typed_conflict() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    store.execute::<Ledger>("L-1", (5, 0)).await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let error = store
+        .append::<Ledger>(
+            &mut conn,
+            "L-1",
+            0,
+            &[LedgerEvent::Deposited { amount: 1, by: 9 }],
+            &EventContext::new(),
+        )
+        .await
+        .unwrap_err();
+    match error {
+        Error::Conflict {
+            aggregate_type,
+            aggregate_id,
+            expected,
+            actual,
+        } => {
+            assert_eq!(
+                (aggregate_type.as_str(), aggregate_id.as_str()),
+                ("ledger", "L-1")
+            );
+            assert_eq!((expected, actual), (0, 1));
+        }
+        other => panic!("expected a conflict, got {other}"),
+    }
+    assert!(
+        Error::Conflict {
+            aggregate_type: "ledger".into(),
+            aggregate_id: "L-1".into(),
+            expected: 0,
+            actual: 1
+        }
+        .to_string()
+        .contains("ledger/L-1: expected to append after sequence 0, the stream is at 1")
+    );
+}
+
+#[tokio::test]
+async fn fifty_concurrent_commands_on_one_aggregate_lose_nothing() {
+    let db = TestDb::new().await;
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig::default().max_conflict_retries(200),
+    );
+    let tasks: Vec<_> = (0..50u32)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .execute::<Ledger>("L-HOT", (i64::from(i) + 1, i))
+                    .await
+            })
+        })
+        .collect();
+    let mut retries = 0;
+    for task in tasks {
+        retries += task.await.unwrap().unwrap().retries;
+    }
+    assert!(
+        retries > 0,
+        "50 concurrent writers on one stream must have conflicted"
+    );
+
+    let loaded = store.load::<Ledger>("L-HOT").await.unwrap();
+    assert_eq!(
+        loaded.state.balance,
+        (1..=50).sum::<i64>(),
+        "no lost update"
+    );
+    assert_eq!(loaded.sequence, 50);
+    let stream = store.read_stream("ledger", "L-HOT").await.unwrap();
+    assert_eq!(
+        stream.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        (1..=50).collect::<Vec<_>>()
+    );
+    let mut by: Vec<i64> = stream
+        .iter()
+        .map(|e| e.payload["by"].as_i64().unwrap())
+        .collect();
+    by.sort();
+    assert_eq!(
+        by,
+        (0..50).collect::<Vec<_>>(),
+        "every command landed exactly once"
+    );
+    let outbox: Vec<i64> = outbox_rows(&db)
+        .await
+        .iter()
+        .map(|r| r.get("sequence"))
+        .collect();
+    assert_eq!(
+        outbox,
+        (1..=50).collect::<Vec<_>>(),
+        "outbox ids follow stream order"
+    );
+}
+
+#[tokio::test]
+async fn execute_in_commits_or_rolls_back_with_the_callers_writes() {
+    let db = TestDb::new().await;
+    sqlx::query("CREATE TABLE shop_orders (id TEXT PRIMARY KEY, note TEXT NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let store = Store::new(db.pool.clone());
+    let count = |sql: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO shop_orders VALUES ('ORD-RB', 'mine')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    store
+        .execute_in::<Order>(
+            &mut tx,
+            "ORD-RB",
+            create("ORD-RB", 3.0),
+            &EventContext::new(),
+        )
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(count("SELECT count(*) FROM shop_orders").await, 0);
+    assert_eq!(count("SELECT count(*) FROM tidings_events").await, 0);
+    assert_eq!(count("SELECT count(*) FROM tidings_outbox").await, 0);
+
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO shop_orders VALUES ('ORD-OK', 'mine')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let committed = store
+        .execute_in::<Order>(
+            &mut tx,
+            "ORD-OK",
+            create("ORD-OK", 3.0),
+            &EventContext::new(),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(committed.sequence, 1);
+    assert_eq!(count("SELECT count(*) FROM shop_orders").await, 1);
+    assert_eq!(count("SELECT count(*) FROM tidings_events").await, 1);
+    assert_eq!(count("SELECT count(*) FROM tidings_outbox").await, 1);
+
+    // A domain error inside the caller's transaction leaves its own writes usable.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO shop_orders VALUES ('ORD-X', 'mine')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let refused = store
+        .execute_in::<Order>(
+            &mut tx,
+            "ORD-OK",
+            create("ORD-OK", 3.0),
+            &EventContext::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        refused,
+        ExecuteError::Rejected(OrderError::AlreadyExists)
+    ));
+    tx.commit().await.unwrap();
+    assert_eq!(count("SELECT count(*) FROM shop_orders").await, 2);
+    assert_eq!(count("SELECT count(*) FROM tidings_events").await, 1);
+}
+
+#[tokio::test]
+async fn snapshots_are_used_and_bad_ones_ignored() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    for i in 0..12 {
+        store.execute::<Ledger>("L-SNAP", (10, i)).await.unwrap();
+    }
+    let (sequence, version): (i64, i32) = sqlx::query_as(
+        "SELECT sequence, snapshot_version FROM tidings_snapshots WHERE aggregate_id = 'L-SNAP'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((sequence, version), (10, 1), "a snapshot every 5 events");
+    let loaded = store.load::<Ledger>("L-SNAP").await.unwrap();
+    assert!(loaded.from_snapshot);
+    assert_eq!(
+        (loaded.state.balance, loaded.state.deposits, loaded.sequence),
+        (120, 12, 12)
+    );
+
+    // Make the snapshot lie: if it were used, the balance would be wrong.
+    sqlx::query("UPDATE tidings_snapshots SET state = '{\"balance\": 999999, \"deposits\": 10}'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load::<Ledger>("L-SNAP").await.unwrap().state.balance,
+        1000019
+    );
+    // ...but a snapshot of another version is ignored,
+    sqlx::query("UPDATE tidings_snapshots SET snapshot_version = 0")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let loaded = store.load::<Ledger>("L-SNAP").await.unwrap();
+    assert!(!loaded.from_snapshot);
+    assert_eq!(loaded.state.balance, 120);
+    // ...and so is one that no longer decodes.
+    sqlx::query("UPDATE tidings_snapshots SET snapshot_version = 1, state = '\"garbage\"'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let loaded = store.load::<Ledger>("L-SNAP").await.unwrap();
+    assert!(!loaded.from_snapshot);
+    assert_eq!((loaded.state.balance, loaded.sequence), (120, 12));
+}
+
+#[tokio::test]
+async fn a_database_without_migrations_says_so() {
+    let db = TestDb::empty().await;
+    let store = Store::new(db.pool.clone());
+    let error = store.execute::<Ledger>("L-1", (1, 1)).await.unwrap_err();
+    assert!(
+        matches!(error, ExecuteError::Store(Error::NotMigrated)),
+        "{error}"
+    );
+    assert!(error.to_string().contains("tidings migrate"));
+}
