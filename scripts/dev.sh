@@ -84,6 +84,7 @@ broker_up() {
     nohup "$NISSHI" broker \
         --listener-url "tcp://127.0.0.1:$BROKER_PORT" \
         --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" \
+        --group-initial-rebalance-delay "${TIDINGS_BROKER_REBALANCE_DELAY:-200ms}" \
         --storage-engine "memory://nisshi/" >"$BROKER_LOG" 2>&1 </dev/null &
     echo $! >"$BROKER_PID"
     for _ in $(seq 1 120); do

@@ -7,6 +7,7 @@
 //! relay dies, its connection closes and PostgreSQL releases its locks: the
 //! others take the lanes over at their next rebalance.
 //!
+//! Advisory locks are per database, so only this database's locks count.
 //! Relays share lanes fairly: each holds a *presence* lock, counts the
 //! relays present and owns at most `ceil(lanes / relays)` lanes.
 
@@ -81,7 +82,8 @@ impl Lanes {
         let conn = self.conn.as_mut().expect("connected above");
         let relays: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-             AND classid::bigint = $1 AND objsubid = 2",
+             AND classid::bigint = $1 AND objsubid = 2 \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         .bind(i64::from(PRESENCE_CLASS))
         .fetch_one(&mut *conn)
@@ -108,7 +110,8 @@ impl Lanes {
         if wanted > 0 {
             let held: Vec<i32> = sqlx::query_scalar(
                 "SELECT objid::bigint::int FROM pg_locks WHERE locktype = 'advisory' AND granted \
-                 AND classid::bigint = $1 AND objsubid = 2",
+                 AND classid::bigint = $1 AND objsubid = 2 \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             )
             .bind(i64::from(LANE_CLASS))
             .fetch_all(&mut *conn)

@@ -422,6 +422,16 @@ impl Relay {
         if !acknowledged.is_empty() {
             delete_rows(&self.pool, &acknowledged).await?;
         }
+        if failed > 0
+            && let Some((code, reason)) = self.producer.client().fatal_error()
+        {
+            tracing::warn!(
+                ?code,
+                reason,
+                "relay: the producer stopped on a fatal error; starting a fresh one"
+            );
+            self.producer = producer(&self.config)?;
+        }
         self.stats
             .published
             .fetch_add(acknowledged.len() as u64, Ordering::Relaxed);
