@@ -4,3 +4,4 @@
 //!   cancellation rules.
 
 pub mod orders;
+pub mod summary;

@@ -37,6 +37,8 @@ mod event;
 pub mod kafka;
 mod names;
 #[cfg(feature = "kafka")]
+pub mod projection;
+#[cfg(feature = "kafka")]
 pub mod relay;
 pub mod schema;
 #[cfg(feature = "postgres")]

@@ -21,7 +21,15 @@ async fn migrations_create_the_tidings_tables() {
     .unwrap();
     assert_eq!(
         tables,
-        ["tidings_events", "tidings_outbox", "tidings_snapshots"]
+        [
+            "tidings_checkpoints",
+            "tidings_events",
+            "tidings_outbox",
+            "tidings_parked",
+            "tidings_projection_streams",
+            "tidings_projections",
+            "tidings_snapshots"
+        ]
     );
 }
 

@@ -1,0 +1,352 @@
+//! Applying one batch of one partition in one transaction.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::PgPool;
+
+use crate::envelope::{Envelope, HEADER_AGGREGATE_TYPE, RawEnvelope};
+use crate::error::Error;
+use crate::projection::{ApplyError, Projection, dlq_headers};
+
+/// A message as consumed, owned by the partition's worker.
+#[derive(Debug, Clone)]
+pub(crate) struct Message {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) value: Option<Vec<u8>>,
+    pub(crate) headers: BTreeMap<String, String>,
+}
+
+/// What one batch did.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    pub(crate) applied: u64,
+    pub(crate) skipped: u64,
+    pub(crate) parked: u64,
+    pub(crate) dead_lettered: u64,
+    /// The next offset to consume, when the batch advanced the checkpoint.
+    pub(crate) next_offset: Option<i64>,
+}
+
+/// Why a batch did not commit.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// Retry the batch after a backoff.
+    Transient(String),
+    /// The event at `offset` can never be applied: retry the batch at once,
+    /// dead-lettering it.
+    Poison { offset: i64, reason: String },
+    /// This instance's generation was replaced by a replay: stop.
+    Stale,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Failure::Transient(error.to_string())
+    }
+}
+
+type Stream = (String, String);
+
+enum Decoded<E> {
+    Event(Envelope<E>),
+    /// Why it cannot be applied, and its sequence when the envelope was readable.
+    Poison(String, Option<i64>),
+}
+
+fn stream_of(message: &Message) -> Stream {
+    let id = message
+        .key
+        .as_deref()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .unwrap_or_default();
+    let kind = message
+        .headers
+        .get(HEADER_AGGREGATE_TYPE)
+        .cloned()
+        .unwrap_or_else(|| "?".into());
+    (kind, id)
+}
+
+const CHECKPOINT: &str = "WITH g AS (SELECT generation FROM tidings_projections WHERE name = $1 FOR SHARE) \
+    INSERT INTO tidings_checkpoints (projection, topic, partition, next_offset) \
+    SELECT $1, $2, $3, 0 FROM g WHERE g.generation = $4 \
+    ON CONFLICT (projection, topic, partition) DO UPDATE SET next_offset = tidings_checkpoints.next_offset \
+    RETURNING next_offset";
+
+const LOCK_STREAMS: &str = "INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
+    SELECT $1, t, i, 0 FROM UNNEST($2::text[], $3::text[]) AS s(t, i) ORDER BY t, i \
+    ON CONFLICT (projection, aggregate_type, aggregate_id) \
+    DO UPDATE SET last_sequence = tidings_projection_streams.last_sequence \
+    RETURNING aggregate_type, aggregate_id, last_sequence";
+
+const BLOCKED: &str = "SELECT DISTINCT aggregate_type, aggregate_id FROM tidings_parked \
+    WHERE projection = $1 AND (aggregate_type, aggregate_id) IN (SELECT * FROM UNNEST($2::text[], $3::text[]))";
+
+/// Applies `messages` (one partition, in offset order) in one transaction.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn apply_batch<P: Projection>(
+    pool: &PgPool,
+    projection: &P,
+    generation: i32,
+    messages: &[Message],
+    poison: &HashMap<i64, String>,
+    dlq_topic: &str,
+    producer: &FutureProducer,
+) -> Result<Outcome, Failure> {
+    let Some(first) = messages.first() else {
+        return Ok(Outcome::default());
+    };
+    let name = projection.name();
+    let db = |what: &str| Error::db(format!("projection {name}: {what}"));
+    let mut tx = pool.begin().await.map_err(db("beginning a batch"))?;
+
+    let next_offset: Option<i64> = sqlx::query_scalar(CHECKPOINT)
+        .bind(name)
+        .bind(&first.topic)
+        .bind(first.partition)
+        .bind(generation)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db("locking the checkpoint"))?;
+    let Some(next_offset) = next_offset else {
+        return Err(Failure::Stale);
+    };
+    let fresh: Vec<&Message> = messages
+        .iter()
+        .filter(|m| m.offset >= next_offset)
+        .collect();
+    let mut outcome = Outcome {
+        skipped: (messages.len() - fresh.len()) as u64,
+        ..Outcome::default()
+    };
+    let Some(last) = fresh.last() else {
+        return Ok(outcome);
+    };
+    let new_next = last.offset + 1;
+
+    // Decode everything first; a poison message is known by its offset.
+    let decoded: Vec<(Stream, Decoded<P::Event>)> = fresh
+        .iter()
+        .map(|m| {
+            let raw = match m.value.as_deref() {
+                Some(bytes) => RawEnvelope::from_slice(bytes),
+                None => Err(crate::DecodeError::Envelope("empty message".into())),
+            };
+            match raw {
+                Ok(raw) => {
+                    let stream = (raw.aggregate_type.clone(), raw.aggregate_id.clone());
+                    let sequence = Some(raw.sequence as i64);
+                    if let Some(reason) = poison.get(&m.offset) {
+                        return (stream, Decoded::Poison(reason.clone(), sequence));
+                    }
+                    match raw.decode::<P::Event>() {
+                        Ok(envelope) => (stream, Decoded::Event(envelope)),
+                        Err(e) => (stream, Decoded::Poison(e.to_string(), sequence)),
+                    }
+                }
+                Err(e) => (stream_of(m), Decoded::Poison(e.to_string(), None)),
+            }
+        })
+        .collect();
+
+    // Lock the streams of the batch (creating their rows), read their last
+    // sequences and whether they are parked.
+    let mut keys: Vec<&Stream> = decoded.iter().map(|(s, _)| s).collect();
+    keys.sort();
+    keys.dedup();
+    let types: Vec<&str> = keys.iter().map(|s| s.0.as_str()).collect();
+    let ids: Vec<&str> = keys.iter().map(|s| s.1.as_str()).collect();
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(LOCK_STREAMS)
+        .bind(name)
+        .bind(&types)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("locking streams"))?;
+    let mut last_sequence: HashMap<Stream, i64> =
+        rows.into_iter().map(|(t, i, s)| ((t, i), s)).collect();
+    let blocked_rows: Vec<(String, String)> = sqlx::query_as(BLOCKED)
+        .bind(name)
+        .bind(&types)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("reading parked streams"))?;
+    let mut blocked: HashSet<Stream> = blocked_rows.into_iter().collect();
+
+    let mut changed: HashSet<Stream> = HashSet::new();
+    let mut parked: Vec<(&Message, &Stream, Option<i64>, bool, String)> = Vec::new();
+    for (message, (stream, item)) in fresh.iter().zip(&decoded) {
+        if blocked.contains(stream) {
+            let sequence = match item {
+                Decoded::Event(e) => Some(e.sequence as i64),
+                Decoded::Poison(_, sequence) => *sequence,
+            };
+            let reason = "parked behind an earlier dead-lettered event of its stream".to_owned();
+            parked.push((message, stream, sequence, false, reason));
+            continue;
+        }
+        let envelope = match item {
+            Decoded::Event(envelope) => envelope,
+            Decoded::Poison(reason, sequence) => {
+                parked.push((message, stream, *sequence, true, reason.clone()));
+                blocked.insert(stream.clone());
+                continue;
+            }
+        };
+        let sequence = envelope.sequence as i64;
+        let last = last_sequence.get(stream).copied().unwrap_or(0);
+        if sequence <= last {
+            outcome.skipped += 1;
+            continue;
+        }
+        if sequence > last + 1 {
+            let reason = format!(
+                "sequence gap: expected {} of {}/{}, got {sequence}",
+                last + 1,
+                stream.0,
+                stream.1
+            );
+            parked.push((message, stream, Some(sequence), true, reason));
+            blocked.insert(stream.clone());
+            continue;
+        }
+        match projection.apply(&mut tx, envelope).await {
+            Ok(()) => {
+                outcome.applied += 1;
+                last_sequence.insert(stream.clone(), sequence);
+                changed.insert(stream.clone());
+            }
+            Err(ApplyError::Transient(e)) => return Err(Failure::Transient(e.to_string())),
+            Err(ApplyError::Permanent(e)) => {
+                return Err(Failure::Poison {
+                    offset: message.offset,
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+
+    // Positions, parked events, checkpoint: all in this transaction.
+    if !changed.is_empty() {
+        let (types, ids, seqs): (Vec<&str>, Vec<&str>, Vec<i64>) = changed
+            .iter()
+            .map(|s| (s.0.as_str(), s.1.as_str(), last_sequence[s]))
+            .fold(
+                (vec![], vec![], vec![]),
+                |(mut a, mut b, mut c), (t, i, s)| {
+                    a.push(t);
+                    b.push(i);
+                    c.push(s);
+                    (a, b, c)
+                },
+            );
+        sqlx::query(
+            "UPDATE tidings_projection_streams s SET last_sequence = u.seq \
+             FROM UNNEST($2::text[], $3::text[], $4::bigint[]) AS u(t, i, seq) \
+             WHERE s.projection = $1 AND s.aggregate_type = u.t AND s.aggregate_id = u.i",
+        )
+        .bind(name)
+        .bind(&types)
+        .bind(&ids)
+        .bind(&seqs)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("saving stream positions"))?;
+    }
+    for (message, stream, sequence, dead_letter, reason) in &parked {
+        sqlx::query(
+            "INSERT INTO tidings_parked (projection, aggregate_type, aggregate_id, sequence, topic, partition, \
+             \"offset\", dead_letter, reason, message_key, headers, value) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (projection, topic, partition, \"offset\") DO NOTHING",
+        )
+        .bind(name)
+        .bind(&stream.0)
+        .bind(&stream.1)
+        .bind(sequence)
+        .bind(&message.topic)
+        .bind(message.partition)
+        .bind(message.offset)
+        .bind(dead_letter)
+        .bind(reason)
+        .bind(message.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()))
+        .bind(sqlx::types::Json(&message.headers))
+        .bind(message.value.as_deref())
+        .execute(&mut *tx)
+        .await
+        .map_err(db("parking an event"))?;
+        if *dead_letter {
+            outcome.dead_lettered += 1;
+        } else {
+            outcome.parked += 1;
+        }
+    }
+    sqlx::query(
+        "UPDATE tidings_checkpoints SET next_offset = $4, updated_at = now() \
+         WHERE projection = $1 AND topic = $2 AND partition = $3",
+    )
+    .bind(name)
+    .bind(&first.topic)
+    .bind(first.partition)
+    .bind(new_next)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("saving the checkpoint"))?;
+
+    // Dead letters reach their topic before the transaction commits: a crash
+    // in between sends them again (at least once), never loses them.
+    let dead: Vec<_> = parked.iter().filter(|p| p.3).collect();
+    if !dead.is_empty() {
+        let mut deliveries = Vec::with_capacity(dead.len());
+        for (message, _, _, _, reason) in &dead {
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in &message.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                });
+            }
+            let partition = message.partition.to_string();
+            let offset = message.offset.to_string();
+            for (k, v) in [
+                (dlq_headers::REASON, reason.as_str()),
+                (dlq_headers::PROJECTION, name),
+                (dlq_headers::TOPIC, message.topic.as_str()),
+                (dlq_headers::PARTITION, partition.as_str()),
+                (dlq_headers::OFFSET, offset.as_str()),
+            ] {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                });
+            }
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(dlq_topic).headers(headers);
+            if let Some(key) = message.key.as_deref() {
+                record = record.key(key);
+            }
+            if let Some(value) = message.value.as_deref() {
+                record = record.payload(value);
+            }
+            deliveries.push(producer.send(record, Duration::from_secs(5)));
+        }
+        for result in futures::future::join_all(deliveries).await {
+            if let Err((e, _)) = result {
+                return Err(Failure::Transient(format!(
+                    "sending to the dead letter topic {dlq_topic}: {e}"
+                )));
+            }
+        }
+    }
+
+    tx.commit().await.map_err(db("committing a batch"))?;
+    outcome.next_offset = Some(new_next);
+    Ok(outcome)
+}

@@ -1,0 +1,186 @@
+//! Parked and dead-lettered events: listing and re-driving.
+
+use sqlx::{Connection, PgPool};
+
+use crate::envelope::RawEnvelope;
+use crate::error::{Error, Result};
+use crate::projection::{ApplyError, Projection};
+
+/// An event a projection did not apply.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[non_exhaustive]
+pub struct ParkedEvent {
+    /// Row id; re-drives go in this order within a stream.
+    pub id: i64,
+    /// The projection.
+    pub projection: String,
+    /// The stream's aggregate type (`?` when the message said none).
+    pub aggregate_type: String,
+    /// The stream's aggregate id (the message key).
+    pub aggregate_id: String,
+    /// The event's sequence, when it could be read.
+    pub sequence: Option<i64>,
+    /// Where it came from.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Whether it is the dead-lettered cause (else it waits behind one).
+    pub dead_letter: bool,
+    /// Why it was not applied.
+    pub reason: String,
+}
+
+/// Lists parked events, of one projection or of all, oldest first.
+pub async fn list_parked(pool: &PgPool, projection: Option<&str>) -> Result<Vec<ParkedEvent>> {
+    sqlx::query_as(
+        "SELECT id, projection, aggregate_type, aggregate_id, sequence, topic, partition, \"offset\", \
+         dead_letter, reason FROM tidings_parked WHERE $1::text IS NULL OR projection = $1 ORDER BY id",
+    )
+    .bind(projection)
+    .fetch_all(pool)
+    .await
+    .map_err(Error::db("listing parked events"))
+}
+
+/// What a re-drive did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedriveReport {
+    /// Parked events applied now.
+    pub applied: u64,
+    /// Parked events dropped as already applied.
+    pub skipped: u64,
+    /// Events still parked (their cause still fails).
+    pub still_parked: u64,
+}
+
+/// Re-applies the parked events of `projection`, stream by stream, in order.
+///
+/// In each stream's transaction: events at or below the stream's last
+/// sequence are dropped (idempotent: re-driving twice changes nothing), the
+/// next one is applied, and the first that still fails (or leaves a gap)
+/// stops that stream, recording the new reason. Streams whose parked events
+/// are all gone flow again.
+pub async fn redrive<P: Projection>(pool: &PgPool, projection: &P) -> Result<RedriveReport> {
+    let name = projection.name();
+    let db = |what: &str| Error::db(format!("re-driving projection {name}: {what}"));
+    let streams: Vec<(String, String)> = sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id FROM tidings_parked WHERE projection = $1 \
+         GROUP BY aggregate_type, aggregate_id ORDER BY min(id)",
+    )
+    .bind(name)
+    .fetch_all(pool)
+    .await
+    .map_err(db("listing parked streams"))?;
+
+    let mut report = RedriveReport::default();
+    for (aggregate_type, aggregate_id) in streams {
+        let mut tx = pool.begin().await.map_err(db("beginning"))?;
+        let mut last: i64 = sqlx::query_scalar(
+            "INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
+             VALUES ($1, $2, $3, 0) ON CONFLICT (projection, aggregate_type, aggregate_id) \
+             DO UPDATE SET last_sequence = tidings_projection_streams.last_sequence RETURNING last_sequence",
+        )
+        .bind(name)
+        .bind(&aggregate_type)
+        .bind(&aggregate_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("locking a stream"))?;
+        let parked: Vec<(i64, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT id, value FROM tidings_parked WHERE projection = $1 AND aggregate_type = $2 \
+             AND aggregate_id = $3 ORDER BY id",
+        )
+        .bind(name)
+        .bind(&aggregate_type)
+        .bind(&aggregate_id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db("reading parked events"))?;
+
+        let mut stopped: Option<(i64, String)> = None;
+        let mut done = Vec::new();
+        let total = parked.len();
+        for (id, value) in parked {
+            let decoded = value
+                .as_deref()
+                .ok_or_else(|| "empty message".to_owned())
+                .and_then(|v| RawEnvelope::from_slice(v).map_err(|e| e.to_string()))
+                .and_then(|raw| raw.decode::<P::Event>().map_err(|e| e.to_string()));
+            let envelope = match decoded {
+                Ok(envelope) => envelope,
+                Err(reason) => {
+                    stopped = Some((id, reason));
+                    break;
+                }
+            };
+            let sequence = envelope.sequence as i64;
+            if sequence <= last {
+                report.skipped += 1;
+                done.push(id);
+                continue;
+            }
+            if sequence > last + 1 {
+                stopped = Some((
+                    id,
+                    format!("sequence gap: expected {}, got {sequence}", last + 1),
+                ));
+                break;
+            }
+            let mut savepoint = tx.begin().await.map_err(db("creating a savepoint"))?;
+            match projection.apply(&mut savepoint, &envelope).await {
+                Ok(()) => {
+                    savepoint
+                        .commit()
+                        .await
+                        .map_err(db("releasing a savepoint"))?;
+                    report.applied += 1;
+                    last = sequence;
+                    done.push(id);
+                }
+                Err(ApplyError::Permanent(e)) => {
+                    savepoint
+                        .rollback()
+                        .await
+                        .map_err(db("rolling back a savepoint"))?;
+                    stopped = Some((id, e.to_string()));
+                    break;
+                }
+                Err(ApplyError::Transient(e)) => {
+                    return Err(Error::Config(format!(
+                        "re-driving projection {name}: {aggregate_type}/{aggregate_id}: transient error, try again: {e}"
+                    )));
+                }
+            }
+        }
+        report.still_parked += (total - done.len()) as u64;
+        sqlx::query("DELETE FROM tidings_parked WHERE id = ANY($1)")
+            .bind(&done)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("removing re-driven events"))?;
+        sqlx::query(
+            "UPDATE tidings_projection_streams SET last_sequence = $4 \
+             WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+        )
+        .bind(name)
+        .bind(&aggregate_type)
+        .bind(&aggregate_id)
+        .bind(last)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("saving the stream position"))?;
+        if let Some((id, reason)) = stopped {
+            sqlx::query("UPDATE tidings_parked SET dead_letter = true, reason = $2 WHERE id = $1")
+                .bind(id)
+                .bind(reason)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("recording why an event is still parked"))?;
+        }
+        tx.commit().await.map_err(db("committing"))?;
+    }
+    Ok(report)
+}

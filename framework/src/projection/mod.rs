@@ -1,0 +1,173 @@
+//! Projections: read models built from Kafka topics, exactly once.
+//!
+//! # Guarantees
+//!
+//! - **Exactly-once effect.** Delivery is at least once (redelivery after a
+//!   rebalance or crash, republishing by the relay), but each event changes
+//!   a read model once: the read model change, the partition checkpoint and
+//!   the last sequence applied per stream commit in one PostgreSQL
+//!   transaction. Messages below the checkpoint and events at or below the
+//!   stream's last sequence are skipped.
+//! - **Fenced.** A batch locks its partition's checkpoint row and checks the
+//!   projection's generation in the same statement; an instance that lost
+//!   the partition, or that runs a generation a replay has replaced, finds
+//!   its messages already applied or its generation gone, and applies nothing.
+//! - **In order per aggregate.** Events of a stream are applied in sequence
+//!   order. A poison event (not an envelope, unknown type or version, a
+//!   payload that does not decode, a permanent handler error, a sequence
+//!   gap) goes to the dead letter topic with the reason and its origin, and
+//!   the later events of its stream are *parked* behind it, never applied out
+//!   of order. [`redrive`] re-applies parked events in order once fixed.
+//! - **Independent partitions.** Each partition is applied by its own task,
+//!   in batches; a partition that retries a transient error is paused at the
+//!   consumer while the others go on.
+//! - **Replayable.** [`replay`] resets the read model and the positions and
+//!   starts a new consumer group generation that reads the topics from the
+//!   beginning.
+
+mod apply;
+mod dlq;
+mod runner;
+mod status;
+
+use async_trait::async_trait;
+use sqlx::PgConnection;
+
+use crate::envelope::Envelope;
+use crate::event::Event;
+
+pub use dlq::{ParkedEvent, RedriveReport, list_parked, redrive};
+pub use runner::{Runner, RunnerConfig, RunnerStats};
+pub use status::{PartitionLag, ProjectionStatus, generation, projection_status, replay};
+
+/// A boxed error from user code.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a projection could not apply an event.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Worth retrying (a lost connection, a lock timeout): the batch is
+    /// rolled back and retried with exponential backoff.
+    #[error("transient: {0}")]
+    Transient(BoxError),
+    /// Retrying cannot help: the event is dead-lettered and its stream parked.
+    #[error("permanent: {0}")]
+    Permanent(BoxError),
+}
+
+impl ApplyError {
+    /// A permanent error with a message.
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        ApplyError::Permanent(error.into())
+    }
+
+    /// A transient error with a message.
+    pub fn transient(error: impl Into<BoxError>) -> Self {
+        ApplyError::Transient(error.into())
+    }
+}
+
+/// Database errors are transient, except those that can never succeed on
+/// the same input (constraint and data errors), which are permanent.
+impl From<sqlx::Error> for ApplyError {
+    fn from(error: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &error {
+            // Class 22: data exception; class 23: integrity constraint violation.
+            if let Some(code) = db.code()
+                && (code.starts_with("22") || code.starts_with("23"))
+            {
+                return ApplyError::Permanent(Box::new(error));
+            }
+        }
+        ApplyError::Transient(Box::new(error))
+    }
+}
+
+/// A read model built from events.
+///
+/// ```no_run
+/// use tidings::projection::{ApplyError, Projection};
+/// use tidings::{Envelope, Event};
+/// use sqlx::PgConnection;
+///
+/// # #[derive(Debug, Clone, Event)] #[event(topic = "orders")]
+/// # enum OrderEvent { OrderCreated { amount: f64 } }
+/// struct OrderTotals;
+///
+/// #[async_trait::async_trait]
+/// impl Projection for OrderTotals {
+///     type Event = OrderEvent;
+///     fn name(&self) -> &str { "order_totals" }
+///
+///     async fn apply(&self, conn: &mut PgConnection, e: &Envelope<OrderEvent>) -> Result<(), ApplyError> {
+///         let OrderEvent::OrderCreated { amount } = &e.payload;
+///         sqlx::query("INSERT INTO order_totals (id, amount) VALUES ($1, $2)")
+///             .bind(&e.aggregate_id).bind(amount).execute(conn).await?;
+///         Ok(())
+///     }
+///
+///     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ApplyError> {
+///         sqlx::query("TRUNCATE order_totals").execute(conn).await?;
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// The events this projection reads; they arrive upcast to their
+    /// current versions.
+    type Event: Event;
+
+    /// A stable name: it keys checkpoints, the consumer group and the dead
+    /// letter topic. ASCII letters, digits, `_`, `-` and `.`.
+    fn name(&self) -> &str;
+
+    /// The topics to read (before the runner's topic prefix). Default: the
+    /// event enum's `#[event(topic = "...")]`.
+    fn topics(&self) -> Vec<String> {
+        <Self::Event as Event>::TOPIC
+            .map(|t| vec![t.to_owned()])
+            .unwrap_or_default()
+    }
+
+    /// Applies one event inside the runner's transaction. Use `?` on sqlx
+    /// errors; return [`ApplyError::Permanent`] for an event that can never
+    /// be applied.
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &Envelope<Self::Event>,
+    ) -> Result<(), ApplyError>;
+
+    /// Empties the read model, for a replay. Runs in the replay's transaction.
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), ApplyError>;
+}
+
+/// Checks a projection name: it becomes part of group ids and topic names.
+pub fn validate_projection_name(name: &str) -> crate::Result<()> {
+    if name.is_empty()
+        || name.len() > 200
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        return Err(crate::Error::Config(format!(
+            "invalid projection name `{name}`: use 1 to 200 ASCII letters, digits, `_`, `-` or `.`"
+        )));
+    }
+    Ok(())
+}
+
+/// Headers a dead-lettered message carries, besides its original ones.
+pub mod dlq_headers {
+    /// Why it was dead-lettered.
+    pub const REASON: &str = "tidings.dlq.reason";
+    /// Which projection refused it.
+    pub const PROJECTION: &str = "tidings.dlq.projection";
+    /// The topic it came from.
+    pub const TOPIC: &str = "tidings.dlq.topic";
+    /// The partition it came from.
+    pub const PARTITION: &str = "tidings.dlq.partition";
+    /// Its offset there.
+    pub const OFFSET: &str = "tidings.dlq.offset";
+}

@@ -1,0 +1,492 @@
+//! The runner: one consumer in the projection's group, one task per partition.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+use crate::kafka::{KafkaConfig, TopicSpec, ensure_topics};
+use crate::projection::apply::{Failure, Message, apply_batch};
+use crate::projection::{Projection, status, validate_projection_name};
+
+/// How a projection runner runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RunnerConfig {
+    /// The brokers and any librdkafka property.
+    pub kafka: KafkaConfig,
+    /// Prepended to the projection's topics and to its dead letter topic.
+    pub topic_prefix: String,
+    /// Prepended to the consumer group id (`<prefix>.<projection>.g<generation>`).
+    pub group_prefix: String,
+    /// The most events applied in one transaction (default 500).
+    pub batch_size: usize,
+    /// The longest backoff between retries of a transient error (default 30 s).
+    pub max_backoff: Duration,
+    /// How often the runner checks whether a replay started a new generation
+    /// (default 1 s).
+    pub generation_check: Duration,
+    /// How the dead letter topic is created if missing.
+    pub dead_letter_topic_spec: TopicSpec,
+}
+
+impl RunnerConfig {
+    /// Defaults for the given Kafka settings.
+    pub fn new(kafka: KafkaConfig) -> Self {
+        RunnerConfig {
+            kafka,
+            topic_prefix: String::new(),
+            group_prefix: "tidings".into(),
+            batch_size: 500,
+            max_backoff: Duration::from_secs(30),
+            generation_check: Duration::from_secs(1),
+            dead_letter_topic_spec: TopicSpec::default(),
+        }
+    }
+
+    /// Sets [`RunnerConfig::topic_prefix`].
+    pub fn topic_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.topic_prefix = prefix.into();
+        self
+    }
+
+    /// Sets [`RunnerConfig::batch_size`].
+    pub fn batch_size(mut self, size: usize) -> Self {
+        self.batch_size = size.max(1);
+        self
+    }
+
+    /// Sets [`RunnerConfig::max_backoff`].
+    pub fn max_backoff(mut self, backoff: Duration) -> Self {
+        self.max_backoff = backoff;
+        self
+    }
+}
+
+/// Counters of a running projection.
+#[derive(Debug, Default)]
+pub struct RunnerStats {
+    /// Events applied to the read model.
+    pub applied: AtomicU64,
+    /// Messages skipped as already applied (redelivered or republished).
+    pub skipped: AtomicU64,
+    /// Events parked behind a dead-lettered event of their stream.
+    pub parked: AtomicU64,
+    /// Events sent to the dead letter topic.
+    pub dead_lettered: AtomicU64,
+    /// Batches retried after a transient error.
+    pub retries: AtomicU64,
+    /// Batches committed.
+    pub batches: AtomicU64,
+}
+
+/// Runs a [`Projection`] in its consumer group until shutdown.
+pub struct Runner<P> {
+    pool: PgPool,
+    projection: Arc<P>,
+    config: RunnerConfig,
+    stats: Arc<RunnerStats>,
+}
+
+impl<P> std::fmt::Debug for Runner<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Change {
+    Assigned(Vec<(String, i32)>),
+    Revoked(Vec<(String, i32)>),
+}
+
+struct RunnerContext {
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+fn partitions(list: &TopicPartitionList) -> Vec<(String, i32)> {
+    list.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for RunnerContext {}
+
+impl ConsumerContext for RunnerContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let _ = self.changes.send(Change::Revoked(partitions(list)));
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let _ = self.changes.send(Change::Assigned(partitions(list)));
+        }
+    }
+}
+
+type Key = (String, i32);
+
+struct Worker {
+    sender: mpsc::Sender<Message>,
+    pending: VecDeque<Message>,
+    paused: bool,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// Why the consumer loop ended.
+enum End {
+    Shutdown,
+    NewGeneration,
+}
+
+impl<P: Projection> Runner<P> {
+    /// A runner for `projection` on `pool` (which must have the tidings migrations).
+    pub fn new(pool: PgPool, projection: P, config: RunnerConfig) -> Result<Self> {
+        validate_projection_name(projection.name())?;
+        if projection.topics().is_empty() {
+            return Err(Error::Config(format!(
+                "projection {} reads no topic: set #[event(topic = \"...\")] or override Projection::topics",
+                projection.name()
+            )));
+        }
+        for topic in projection.topics() {
+            crate::names::validate_topic_name(&format!("{}{topic}", config.topic_prefix))?;
+        }
+        Ok(Runner {
+            pool,
+            projection: Arc::new(projection),
+            config,
+            stats: Arc::default(),
+        })
+    }
+
+    /// The runner's counters, shared: they keep counting after `run` starts.
+    pub fn stats(&self) -> Arc<RunnerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The topics read, with the prefix.
+    pub fn topics(&self) -> Vec<String> {
+        self.projection
+            .topics()
+            .iter()
+            .map(|t| format!("{}{t}", self.config.topic_prefix))
+            .collect()
+    }
+
+    /// The dead letter topic: `<prefix><projection>.dlq`.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}{}.dlq", self.config.topic_prefix, self.projection.name())
+    }
+
+    /// Consumes and applies until `shutdown` completes; then lets every
+    /// partition finish its batch in flight and leaves the group. Database
+    /// and broker failures are retried with backoff; a replay (new
+    /// generation) restarts consumption from the beginning of the topics.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        tokio::pin!(shutdown);
+        let name = self.projection.name().to_owned();
+        let mut failures = 0u32;
+        let dlq = self.dead_letter_topic();
+        loop {
+            let setup = async {
+                let generation = status::register(&self.pool, &name).await?;
+                ensure_topics(
+                    &self.config.kafka,
+                    &BTreeSet::from([dlq.clone()]),
+                    &self.config.dead_letter_topic_spec,
+                )
+                .await?;
+                Ok::<_, Error>(generation)
+            };
+            let generation = match setup.await {
+                Ok(generation) => generation,
+                Err(error) => {
+                    if let Error::Config(_) = error {
+                        return Err(error);
+                    }
+                    failures += 1;
+                    tracing::warn!(projection = name, %error, "projection: setup failed; retrying");
+                    let delay = backoff(failures, self.config.max_backoff);
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(()),
+                        () = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            failures = 0;
+            match self.consume(generation, &dlq, &mut shutdown).await? {
+                End::Shutdown => return Ok(()),
+                End::NewGeneration => {
+                    tracing::info!(
+                        projection = name,
+                        "projection: new generation; restarting from the beginning"
+                    );
+                }
+            }
+        }
+    }
+
+    async fn consume(
+        &self,
+        generation: i32,
+        dlq: &str,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<End> {
+        let name = self.projection.name().to_owned();
+        let group = format!("{}.{name}.g{generation}", self.config.group_prefix);
+        let (changes_tx, mut changes) = mpsc::unbounded_channel();
+        let mut client = self.config.kafka.client_config()?;
+        client
+            .set("group.id", &group)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false");
+        let consumer: Arc<StreamConsumer<RunnerContext>> = Arc::new(
+            client
+                .create_with_context(RunnerContext {
+                    changes: changes_tx,
+                })
+                .map_err(|source| Error::Kafka {
+                    context: format!("creating the consumer of {name}"),
+                    source,
+                })?,
+        );
+        let mut dlq_config = self.config.kafka.client_config()?;
+        dlq_config
+            .set("enable.idempotence", "true")
+            .set("acks", "all");
+        let producer: FutureProducer = dlq_config.create().map_err(|source| Error::Kafka {
+            context: format!("creating the dead letter producer of {name}"),
+            source,
+        })?;
+        let topics = self.topics();
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topic_refs)
+            .map_err(|source| Error::Kafka {
+                context: format!("subscribing {name} to {topics:?}"),
+                source,
+            })?;
+        tracing::info!(projection = name, group, ?topics, "projection: consuming");
+
+        let (stale_tx, mut stale) = mpsc::unbounded_channel::<()>();
+        let mut workers: HashMap<Key, Worker> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let mut last_generation_check = Instant::now();
+        let capacity = self.config.batch_size * 2;
+        let end = loop {
+            tokio::select! {
+                biased;
+                () = shutdown.as_mut() => break End::Shutdown,
+                Some(()) = stale.recv() => break End::NewGeneration,
+                Some(change) = changes.recv() => match change {
+                    Change::Revoked(list) => {
+                        tracing::info!(projection = name, partitions = ?list, "projection: partitions revoked");
+                        for key in list {
+                            // Dropping the sender lets the worker finish its batch and stop.
+                            workers.remove(&key);
+                        }
+                    }
+                    Change::Assigned(list) => {
+                        tracing::info!(projection = name, partitions = ?list, "projection: partitions assigned");
+                    }
+                },
+                received = consumer.recv() => match received {
+                    Ok(message) => {
+                        let key = (message.topic().to_owned(), message.partition());
+                        let owned = Message {
+                            topic: key.0.clone(),
+                            partition: key.1,
+                            offset: message.offset(),
+                            key: message.key().map(<[u8]>::to_vec),
+                            value: message.payload().map(<[u8]>::to_vec),
+                            headers: message
+                                .headers()
+                                .map(|h| {
+                                    h.iter()
+                                        .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                                        .collect()
+                                })
+                                .unwrap_or_default(),
+                        };
+                        let worker = workers.entry(key.clone()).or_insert_with(|| {
+                            let (sender, receiver) = mpsc::channel(capacity);
+                            let handle = tokio::spawn(partition_worker(
+                                self.pool.clone(),
+                                Arc::clone(&self.projection),
+                                generation,
+                                receiver,
+                                Arc::clone(&consumer),
+                                producer.clone(),
+                                dlq.to_owned(),
+                                self.config.clone(),
+                                Arc::clone(&self.stats),
+                                stale_tx.clone(),
+                            ));
+                            Worker { sender, pending: VecDeque::new(), paused: false, handle }
+                        });
+                        worker.pending.push_back(owned);
+                        flush(&consumer, &key, worker);
+                    }
+                    Err(error) => {
+                        tracing::warn!(projection = name, %error, "projection: consumer error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = tick.tick() => {
+                    for (key, worker) in workers.iter_mut() {
+                        flush(&consumer, key, worker);
+                    }
+                    workers.retain(|_, w| !w.handle.is_finished());
+                    if last_generation_check.elapsed() >= self.config.generation_check {
+                        last_generation_check = Instant::now();
+                        match status::generation(&self.pool, &name).await {
+                            Ok(Some(g)) if g != generation => break End::NewGeneration,
+                            Ok(_) => {}
+                            Err(error) => tracing::warn!(projection = name, %error, "projection: reading the generation"),
+                        }
+                    }
+                }
+            }
+        };
+        // Let every partition finish its batch in flight, then leave the group.
+        let handles: Vec<_> = workers.into_values().map(|w| w.handle).collect();
+        for handle in handles {
+            let _ = handle.await;
+        }
+        consumer.unsubscribe();
+        Ok(end)
+    }
+}
+
+/// Moves pending messages into the worker's queue; pauses the partition at
+/// the consumer while the queue is full, resumes it once drained.
+fn flush(consumer: &StreamConsumer<RunnerContext>, key: &Key, worker: &mut Worker) {
+    while let Some(message) = worker.pending.pop_front() {
+        match worker.sender.try_send(message) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(message))
+            | Err(mpsc::error::TrySendError::Closed(message)) => {
+                worker.pending.push_front(message);
+                break;
+            }
+        }
+    }
+    let mut list = TopicPartitionList::new();
+    list.add_partition(&key.0, key.1);
+    if !worker.pending.is_empty() && !worker.paused {
+        worker.paused = consumer.pause(&list).is_ok();
+    } else if worker.pending.is_empty() && worker.paused {
+        worker.paused = consumer.resume(&list).is_err();
+    }
+}
+
+fn backoff(failures: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1 << failures.min(10));
+    base.min(max).mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn partition_worker<P: Projection>(
+    pool: PgPool,
+    projection: Arc<P>,
+    generation: i32,
+    mut receiver: mpsc::Receiver<Message>,
+    consumer: Arc<StreamConsumer<RunnerContext>>,
+    producer: FutureProducer,
+    dlq: String,
+    config: RunnerConfig,
+    stats: Arc<RunnerStats>,
+    stale: mpsc::UnboundedSender<()>,
+) {
+    let name = projection.name().to_owned();
+    while let Some(first) = receiver.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < config.batch_size {
+            match receiver.try_recv() {
+                Ok(message) => batch.push(message),
+                Err(_) => break,
+            }
+        }
+        let mut poison: HashMap<i64, String> = HashMap::new();
+        let mut failures = 0u32;
+        loop {
+            match apply_batch(
+                &pool,
+                projection.as_ref(),
+                generation,
+                &batch,
+                &poison,
+                &dlq,
+                &producer,
+            )
+            .await
+            {
+                Ok(outcome) => {
+                    stats.applied.fetch_add(outcome.applied, Ordering::Relaxed);
+                    stats.skipped.fetch_add(outcome.skipped, Ordering::Relaxed);
+                    stats.parked.fetch_add(outcome.parked, Ordering::Relaxed);
+                    stats
+                        .dead_lettered
+                        .fetch_add(outcome.dead_lettered, Ordering::Relaxed);
+                    stats.batches.fetch_add(1, Ordering::Relaxed);
+                    if let Some(next) = outcome.next_offset {
+                        let mut list = TopicPartitionList::new();
+                        let _ = list.add_partition_offset(
+                            &batch[0].topic,
+                            batch[0].partition,
+                            Offset::Offset(next),
+                        );
+                        // Best effort: the checkpoint in PostgreSQL is the truth.
+                        let _ = consumer.store_offsets(&list);
+                    }
+                    break;
+                }
+                Err(Failure::Poison { offset, reason }) => {
+                    tracing::warn!(
+                        projection = name,
+                        offset,
+                        reason,
+                        "projection: dead-lettering a poison event"
+                    );
+                    poison.insert(offset, reason);
+                }
+                Err(Failure::Transient(error)) => {
+                    failures += 1;
+                    stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        projection = name,
+                        topic = batch[0].topic,
+                        partition = batch[0].partition,
+                        failures,
+                        error,
+                        "projection: batch failed; retrying"
+                    );
+                    if receiver.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(backoff(failures, config.max_backoff)).await;
+                }
+                Err(Failure::Stale) => {
+                    let _ = stale.send(());
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Projection registry, replay and lag.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use sqlx::PgPool;
+
+use crate::error::{Error, Result};
+use crate::kafka::KafkaConfig;
+use crate::projection::{ApplyError, Projection, validate_projection_name};
+
+/// Registers a projection if new; returns its generation.
+pub(crate) async fn register(pool: &PgPool, name: &str) -> Result<i32> {
+    sqlx::query_scalar(
+        "INSERT INTO tidings_projections (name) VALUES ($1) \
+         ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING generation",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
+    .map_err(Error::db(format!("registering projection {name}")))
+}
+
+/// The current generation of a projection (`None` if it never ran).
+pub async fn generation(pool: &PgPool, name: &str) -> Result<Option<i32>> {
+    sqlx::query_scalar("SELECT generation FROM tidings_projections WHERE name = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await
+        .map_err(Error::db(format!(
+            "reading the generation of projection {name}"
+        )))
+}
+
+/// Rebuilds a projection from the start of its topics: in one transaction,
+/// resets the read model ([`Projection::reset`]), forgets checkpoints,
+/// stream positions and parked events, and starts a new generation. Running
+/// runners see the new generation within a second, stop applying the old
+/// one (its batches are fenced out) and consume from the beginning under a
+/// new consumer group. Returns the new generation.
+pub async fn replay<P: Projection>(pool: &PgPool, projection: &P) -> Result<i32> {
+    let name = projection.name();
+    validate_projection_name(name)?;
+    register(pool, name).await?;
+    let db = |what: &str| Error::db(format!("replaying projection {name}: {what}"));
+    let mut tx = pool.begin().await.map_err(db("beginning"))?;
+    // Waits for batches in flight (they hold the row FOR SHARE).
+    sqlx::query("SELECT generation FROM tidings_projections WHERE name = $1 FOR UPDATE")
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("locking"))?;
+    projection.reset(&mut tx).await.map_err(|e| match e {
+        ApplyError::Transient(e) | ApplyError::Permanent(e) => {
+            Error::Config(format!("projection {name}: reset failed: {e}"))
+        }
+    })?;
+    for table in [
+        "tidings_checkpoints",
+        "tidings_projection_streams",
+        "tidings_parked",
+    ] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE projection = $1"))
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("forgetting positions"))?;
+    }
+    let generation: i32 = sqlx::query_scalar(
+        "UPDATE tidings_projections SET generation = generation + 1, updated_at = now() \
+         WHERE name = $1 RETURNING generation",
+    )
+    .bind(name)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db("starting a new generation"))?;
+    tx.commit().await.map_err(db("committing"))?;
+    Ok(generation)
+}
+
+/// Position and lag of one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionLag {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The next offset the projection will apply (its position).
+    pub position: i64,
+    /// The partition's high watermark (the offset of the next message written).
+    pub high_watermark: i64,
+    /// Messages not applied yet.
+    pub lag: i64,
+}
+
+/// Where a projection is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProjectionStatus {
+    /// The projection's name.
+    pub name: String,
+    /// Its generation (bumped by each replay).
+    pub generation: i32,
+    /// Position and lag per partition of its topics.
+    pub partitions: Vec<PartitionLag>,
+    /// Events waiting behind a dead letter.
+    pub parked: i64,
+    /// Dead-lettered events not re-driven yet.
+    pub dead_lettered: i64,
+}
+
+impl ProjectionStatus {
+    /// The total lag over all partitions.
+    pub fn lag(&self) -> i64 {
+        self.partitions.iter().map(|p| p.lag).sum()
+    }
+}
+
+/// Reads a projection's positions from PostgreSQL and the high watermarks of
+/// its topics from Kafka.
+pub async fn projection_status(
+    pool: &PgPool,
+    kafka: &KafkaConfig,
+    name: &str,
+    topics: &[String],
+) -> Result<ProjectionStatus> {
+    let generation = generation(pool, name).await?.unwrap_or(0);
+    let positions: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT topic, partition, next_offset FROM tidings_checkpoints WHERE projection = $1",
+    )
+    .bind(name)
+    .fetch_all(pool)
+    .await
+    .map_err(Error::db(format!("reading the positions of {name}")))?;
+    let (parked, dead_lettered): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE NOT dead_letter), count(*) FILTER (WHERE dead_letter) \
+         FROM tidings_parked WHERE projection = $1",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
+    .map_err(Error::db(format!("counting the parked events of {name}")))?;
+
+    let config = kafka.client_config()?;
+    let topics = topics.to_vec();
+    let watermarks = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, i64)>> {
+        let consumer: BaseConsumer = config.create().map_err(|source| Error::Kafka {
+            context: "creating a metadata client".into(),
+            source,
+        })?;
+        let mut out = Vec::new();
+        for topic in &topics {
+            let metadata = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .map_err(|source| Error::Kafka {
+                    context: format!("reading the metadata of {topic}"),
+                    source,
+                })?;
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    let (_, high) = consumer
+                        .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                        .map_err(|source| Error::Kafka {
+                            context: format!("reading the watermarks of {topic}/{}", p.id()),
+                            source,
+                        })?;
+                    out.push((topic.clone(), p.id(), high));
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| Error::Config(format!("reading watermarks: {e}")))??;
+
+    let mut partitions: Vec<PartitionLag> = watermarks
+        .into_iter()
+        .map(|(topic, partition, high)| {
+            let position = positions
+                .iter()
+                .find(|(t, p, _)| *t == topic && *p == partition)
+                .map(|(_, _, o)| *o)
+                .unwrap_or(0);
+            PartitionLag {
+                lag: (high - position).max(0),
+                topic,
+                partition,
+                position,
+                high_watermark: high,
+            }
+        })
+        .collect();
+    partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    Ok(ProjectionStatus {
+        name: name.to_owned(),
+        generation,
+        partitions,
+        parked,
+        dead_lettered,
+    })
+}

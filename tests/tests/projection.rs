@@ -1,0 +1,541 @@
+//! Projections against real PostgreSQL and the real broker.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use sqlx::PgConnection;
+use tidings::kafka::KafkaConfig;
+use tidings::projection::{
+    ApplyError, Projection, Runner, RunnerConfig, RunnerStats, redrive, replay,
+};
+use tidings::relay::{Relay, RelayConfig};
+use tidings::{Envelope, RawEnvelope, Store, StoreConfig};
+use tidings_examples::orders::{Order, OrderCommand, OrderEvent, OrderStatus};
+use tidings_examples::summary::OrderSummary;
+use tidings_tests::{TestDb, brokers, consume, kafka_config, unique};
+use tokio::sync::oneshot;
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<tidings::Result<()>>,
+    stats: Arc<RunnerStats>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+fn start<P: Projection>(db: &TestDb, projection: P, prefix: &str) -> Running {
+    let config = RunnerConfig::new(KafkaConfig::new(brokers()))
+        .topic_prefix(prefix)
+        .batch_size(100)
+        .max_backoff(Duration::from_millis(500));
+    let runner = Runner::new(db.pool.clone(), projection, config).unwrap();
+    let stats = runner.stats();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    Running {
+        stop,
+        handle,
+        stats,
+    }
+}
+
+fn start_relay(
+    db: &TestDb,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<tidings::Result<()>>,
+) {
+    let relay = Relay::new(
+        db.pool.clone(),
+        RelayConfig::new(KafkaConfig::new(brokers())),
+    )
+    .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    (
+        stop,
+        tokio::spawn(relay.run(async move {
+            let _ = stopped.await;
+        })),
+    )
+}
+
+async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < within,
+            "{what}: not reached within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn expected_row(id: &str, order: &Order, sequence: u64) -> (String, String, String, i32) {
+    let status = match order.status {
+        OrderStatus::Paid => "paid",
+        OrderStatus::Cancelled => "cancelled",
+        _ => "created",
+    };
+    (
+        id.to_owned(),
+        status.to_owned(),
+        order.currency.clone(),
+        sequence as i32,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_model_matches_the_store_despite_duplicates_and_replays_identically() {
+    let db = TestDb::new().await;
+    let prefix = format!("{}.", unique("t"));
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig::default().topic_prefix(&prefix),
+    );
+    let topic = store.topic_of::<Order>();
+    let summary = OrderSummary::default();
+    summary.create_table(&db.pool).await.unwrap();
+
+    let ids: Vec<String> = (0..40).map(|i| format!("ORD-{i:02}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let amount = 10.0 + i as f64;
+        store
+            .execute::<Order>(
+                id,
+                OrderCommand::Create {
+                    order_id: id.clone(),
+                    user_id: format!("U{}", i % 3),
+                    amount,
+                    currency: "EUR".into(),
+                },
+            )
+            .await
+            .unwrap();
+        match i % 3 {
+            0 => {
+                store
+                    .execute::<Order>(
+                        id,
+                        OrderCommand::Pay {
+                            payment_id: format!("P{i}"),
+                            amount,
+                        },
+                    )
+                    .await
+                    .unwrap();
+            }
+            1 => {
+                store
+                    .execute::<Order>(
+                        id,
+                        OrderCommand::Cancel {
+                            reason: "changed mind".into(),
+                        },
+                    )
+                    .await
+                    .unwrap();
+            }
+            _ => {}
+        }
+    }
+    let (relay_stop, relay) = start_relay(&db);
+
+    // Inject duplicates: the first 20 streams produced a second time.
+    let producer: FutureProducer = kafka_config().create().unwrap();
+    let mut duplicates = 0;
+    for id in &ids[..20] {
+        for envelope in store.read_stream("order", id).await.unwrap() {
+            let value = envelope.to_json();
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(id.as_str()).payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+            duplicates += 1;
+        }
+    }
+
+    let running = start(&db, summary.clone(), &prefix);
+    let total: u64 = {
+        let mut n = 0;
+        for id in &ids {
+            n += store.load::<Order>(id).await.unwrap().sequence;
+        }
+        n
+    };
+    let stats = Arc::clone(&running.stats);
+    wait_for("every event applied", Duration::from_secs(60), async || {
+        stats.applied.load(Ordering::Relaxed) >= total
+            && stats.skipped.load(Ordering::Relaxed) >= duplicates
+    })
+    .await;
+
+    let rows = summary.rows(&db.pool).await.unwrap();
+    let mut expected = Vec::new();
+    for id in &ids {
+        let loaded = store.load::<Order>(id).await.unwrap();
+        expected.push(expected_row(id, &loaded.state, loaded.sequence));
+    }
+    let got: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.order_id.clone(),
+                r.status.clone(),
+                r.currency.clone(),
+                r.events_applied,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got, expected,
+        "the read model equals the store, each event applied once"
+    );
+    assert_eq!(running.stats.applied.load(Ordering::Relaxed), total);
+
+    let status = tidings::projection::projection_status(
+        &db.pool,
+        &KafkaConfig::new(brokers()),
+        "order_summary",
+        std::slice::from_ref(&topic),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.lag(), 0, "{status:?}");
+    assert_eq!(status.generation, 1);
+
+    // Replay: reset and rebuild from the beginning of the topic.
+    let generation = replay(&db.pool, &summary).await.unwrap();
+    assert_eq!(generation, 2);
+    wait_for(
+        "the replay rebuilt the read model",
+        Duration::from_secs(60),
+        async || summary.rows(&db.pool).await.unwrap() == rows,
+    )
+    .await;
+    running.stop().await;
+    relay_stop.send(()).unwrap();
+    relay.await.unwrap().unwrap();
+}
+
+/// The summary, refusing payments `P-BAD` until fixed.
+struct Strict {
+    inner: OrderSummary,
+    fixed: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Projection for Strict {
+    type Event = OrderEvent;
+    fn name(&self) -> &str {
+        "strict_summary"
+    }
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &Envelope<OrderEvent>,
+    ) -> Result<(), ApplyError> {
+        if let OrderEvent::PaymentProcessed { payment_id, .. } = &envelope.payload
+            && payment_id == "P-BAD"
+            && !self.fixed.load(Ordering::Relaxed)
+        {
+            return Err(ApplyError::permanent(
+                "payment P-BAD is not known to the ledger",
+            ));
+        }
+        self.inner.apply(conn, envelope).await
+    }
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), ApplyError> {
+        self.inner.reset(conn).await
+    }
+}
+
+fn raw(
+    id: &str,
+    sequence: u64,
+    event_type: &str,
+    version: u32,
+    payload: serde_json::Value,
+) -> RawEnvelope {
+    RawEnvelope {
+        event_type: event_type.into(),
+        event_version: version,
+        event_id: uuid::Uuid::now_v7(),
+        timestamp: tidings::now_micros(),
+        aggregate_type: "order".into(),
+        aggregate_id: id.into(),
+        sequence,
+        correlation_id: None,
+        causation_id: None,
+        metadata: BTreeMap::new(),
+        payload,
+    }
+}
+
+async fn produce(producer: &FutureProducer, topic: &str, key: &str, value: &[u8]) {
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "aggregate_type",
+        value: Some("order"),
+    });
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .key(key)
+                .payload(value)
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_are_dead_lettered_their_streams_parked_then_redriven_in_order() {
+    let db = TestDb::new().await;
+    let prefix = format!("{}.", unique("t"));
+    let topic = format!("{prefix}orders");
+    tidings::kafka::ensure_topics(
+        &KafkaConfig::new(brokers()),
+        &[topic.clone()].into(),
+        &tidings::kafka::TopicSpec::default(),
+    )
+    .await
+    .unwrap();
+    let summary = OrderSummary::default();
+    summary.create_table(&db.pool).await.unwrap();
+    let fixed = Arc::new(AtomicBool::new(false));
+    let producer: FutureProducer = kafka_config().create().unwrap();
+
+    let created = |id: &str| {
+        raw(
+            id,
+            1,
+            "OrderCreated",
+            2,
+            json!({"order_id": id, "user_id": "U", "amount": 5.0, "currency": "EUR"}),
+        )
+    };
+    let paid = |id: &str, seq, payment: &str| {
+        raw(
+            id,
+            seq,
+            "PaymentProcessed",
+            1,
+            json!({"payment_id": payment, "amount": 5.0}),
+        )
+    };
+    let mut messages: Vec<(String, Vec<u8>)> = vec![
+        ("ORD-A".into(), created("ORD-A").to_json().into_bytes()),
+        (
+            "ORD-A".into(),
+            paid("ORD-A", 2, "P-BAD").to_json().into_bytes(),
+        ), // handler refuses
+        (
+            "ORD-A".into(),
+            raw("ORD-A", 3, "OrderCancelled", 1, json!({"reason": "x"}))
+                .to_json()
+                .into_bytes(),
+        ),
+        ("ORD-B".into(), created("ORD-B").to_json().into_bytes()),
+        (
+            "ORD-B".into(),
+            paid("ORD-B", 2, "P-OK").to_json().into_bytes(),
+        ),
+        (
+            "ORD-C".into(),
+            b"{\"event_type\": \"OrderCreated\", trunc".to_vec(),
+        ), // truncated JSON
+        (
+            "ORD-D".into(),
+            raw("ORD-D", 1, "OrderShipped", 1, json!({}))
+                .to_json()
+                .into_bytes(),
+        ), // unknown type
+        (
+            "ORD-E".into(),
+            raw("ORD-E", 1, "OrderCreated", 9, json!({}))
+                .to_json()
+                .into_bytes(),
+        ), // future version
+        // An old version still on the topic: OrderCreated v1 had no currency.
+        (
+            "ORD-OLD".into(),
+            raw(
+                "ORD-OLD",
+                1,
+                "OrderCreated",
+                1,
+                json!({"order_id": "ORD-OLD", "user_id": "U", "amount": 7.0}),
+            )
+            .to_json()
+            .into_bytes(),
+        ),
+    ];
+    // The same key always lands in the same partition, so order per stream holds.
+    for (key, value) in messages.drain(..) {
+        produce(&producer, &topic, &key, &value).await;
+    }
+
+    let running = start(
+        &db,
+        Strict {
+            inner: summary.clone(),
+            fixed: Arc::clone(&fixed),
+        },
+        &prefix,
+    );
+    let stats = Arc::clone(&running.stats);
+    wait_for(
+        "good events applied, poison dead-lettered",
+        Duration::from_secs(60),
+        async || {
+            stats.applied.load(Ordering::Relaxed) >= 4
+                && stats.dead_lettered.load(Ordering::Relaxed) >= 4
+        },
+    )
+    .await;
+
+    let rows: BTreeMap<String, (String, String, i32)> = summary
+        .rows(&db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.order_id, (r.status, r.currency, r.events_applied)))
+        .collect();
+    assert_eq!(
+        rows["ORD-A"],
+        ("created".into(), "EUR".into(), 1),
+        "ORD-A stops before its poison"
+    );
+    assert_eq!(
+        rows["ORD-B"],
+        ("paid".into(), "EUR".into(), 2),
+        "other aggregates keep flowing"
+    );
+    assert_eq!(
+        rows["ORD-OLD"],
+        ("created".into(), "USD".into(), 1),
+        "v1 from the topic arrives upcast"
+    );
+
+    let mut parked = tidings::projection::list_parked(&db.pool, Some("strict_summary"))
+        .await
+        .unwrap();
+    parked.sort_by(|a, b| (&a.aggregate_id, a.id).cmp(&(&b.aggregate_id, b.id)));
+    let summary_of: Vec<(&str, Option<i64>, bool)> = parked
+        .iter()
+        .map(|p| (p.aggregate_id.as_str(), p.sequence, p.dead_letter))
+        .collect();
+    assert_eq!(
+        summary_of,
+        [
+            ("ORD-A", Some(2), true),
+            ("ORD-A", Some(3), false),
+            ("ORD-C", None, true),
+            ("ORD-D", Some(1), true),
+            ("ORD-E", Some(1), true)
+        ]
+    );
+    assert!(
+        parked[0].reason.contains("P-BAD is not known"),
+        "{}",
+        parked[0].reason
+    );
+    assert!(
+        parked[2].reason.contains("malformed envelope"),
+        "{}",
+        parked[2].reason
+    );
+    assert!(
+        parked[3]
+            .reason
+            .contains("unknown event type `OrderShipped`"),
+        "{}",
+        parked[3].reason
+    );
+    assert!(
+        parked[4].reason.contains("newer than the current version"),
+        "{}",
+        parked[4].reason
+    );
+
+    // The dead letter topic carries each poison message with why and whence.
+    let dead = consume(
+        &format!("{prefix}strict_summary.dlq"),
+        4,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(dead.len(), 4);
+    let dead_a = dead
+        .iter()
+        .find(|m| m.key == "ORD-A")
+        .expect("ORD-A dead-lettered");
+    let first: BTreeMap<_, _> = dead_a.headers.iter().cloned().collect();
+    assert_eq!(first["tidings.dlq.projection"], "strict_summary");
+    assert_eq!(first["tidings.dlq.topic"], topic);
+    assert!(first["tidings.dlq.reason"].contains("P-BAD"));
+    assert_eq!(first["tidings.dlq.offset"], parked[0].offset.to_string());
+    assert_eq!(
+        first["tidings.dlq.partition"],
+        parked[0].partition.to_string()
+    );
+
+    // Fix the cause, re-drive: ORD-A's parked events apply in order; the
+    // unreadable ones stay parked. A second re-drive changes nothing.
+    fixed.store(true, Ordering::Relaxed);
+    let strict = Strict {
+        inner: summary.clone(),
+        fixed: Arc::clone(&fixed),
+    };
+    let report = redrive(&db.pool, &strict).await.unwrap();
+    assert_eq!((report.applied, report.still_parked), (2, 3), "{report:?}");
+    let again = redrive(&db.pool, &strict).await.unwrap();
+    assert_eq!((again.applied, again.still_parked), (0, 3));
+    let a = summary
+        .rows(&db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.order_id == "ORD-A")
+        .unwrap();
+    assert_eq!(
+        (a.status.as_str(), a.payment_id.as_deref(), a.events_applied),
+        ("cancelled", Some("P-BAD"), 3)
+    );
+
+    // ORD-A flows again: a new event is applied live.
+    produce(
+        &producer,
+        &topic,
+        "ORD-A",
+        raw("ORD-A", 4, "OrderCancelled", 1, json!({"reason": "again"}))
+            .to_json()
+            .as_bytes(),
+    )
+    .await;
+    let stats = Arc::clone(&running.stats);
+    wait_for("ORD-A flows again", Duration::from_secs(30), async || {
+        stats.applied.load(Ordering::Relaxed) >= 5
+    })
+    .await;
+    running.stop().await;
+}
