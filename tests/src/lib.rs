@@ -279,3 +279,16 @@ pub fn tidings_bin() -> std::path::PathBuf {
     );
     bin
 }
+
+/// Path of an example binary built alongside the tests (`cargo test` builds examples).
+pub fn example_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("examples").join(name);
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p tidings-examples --examples` first",
+        bin.display()
+    );
+    bin
+}

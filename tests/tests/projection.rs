@@ -539,3 +539,139 @@ async fn poison_events_are_dead_lettered_their_streams_parked_then_redriven_in_o
     .await;
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_partitions_and_a_killed_one_loses_and_repeats_nothing() {
+    let orders = 60usize;
+    let db = TestDb::new().await;
+    let prefix = format!("{}.", unique("t"));
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig::default().topic_prefix(&prefix),
+    );
+    let summary = OrderSummary::default();
+    summary.create_table(&db.pool).await.unwrap();
+    let (relay_stop, relay) = start_relay(&db);
+    let logs = std::env::temp_dir().join(unique("runner_logs"));
+    std::fs::create_dir_all(&logs).unwrap();
+
+    let mut spawned = 0;
+    let mut spawn = |name: &str| {
+        spawned += 1;
+        let log = std::fs::File::create(logs.join(format!("{name}-{spawned}.log"))).unwrap();
+        std::process::Command::new(tidings_tests::example_bin("orders"))
+            .args([
+                "summary",
+                "run",
+                "-X",
+                "session.timeout.ms=6000",
+                "-X",
+                "heartbeat.interval.ms=500",
+            ])
+            .env("DATABASE_URL", db.url())
+            .env("KAFKA_BROKERS", brokers())
+            .env("TIDINGS_TOPIC_PREFIX", &prefix)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning the orders example")
+    };
+    let mut steady = spawn("steady");
+    let mut victim = spawn("victim");
+
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..orders {
+                let id = format!("ORD-{i:03}");
+                let amount = 1.0 + i as f64;
+                let create = OrderCommand::Create {
+                    order_id: id.clone(),
+                    user_id: "U".into(),
+                    amount,
+                    currency: "EUR".into(),
+                };
+                store.execute::<Order>(&id, create).await.unwrap();
+                store
+                    .execute::<Order>(
+                        &id,
+                        OrderCommand::Pay {
+                            payment_id: format!("P{i}"),
+                            amount,
+                        },
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        })
+    };
+    let mut kills = 0;
+    while !writer.is_finished() {
+        tokio::time::sleep(Duration::from_millis(700 + fastrand::u64(0..600))).await;
+        victim.kill().unwrap(); // SIGKILL, whatever it was doing
+        victim.wait().unwrap();
+        kills += 1;
+        victim = spawn("victim");
+    }
+    writer.await.unwrap();
+
+    let expected: Vec<(String, String, String, i32)> = (0..orders)
+        .map(|i| {
+            (
+                format!("ORD-{i:03}"),
+                "paid".to_owned(),
+                "EUR".to_owned(),
+                2,
+            )
+        })
+        .collect();
+    wait_for(
+        "both instances built the whole read model",
+        Duration::from_secs(90),
+        async || {
+            let rows = summary.rows(&db.pool).await.unwrap();
+            rows.iter()
+                .map(|r| {
+                    (
+                        r.order_id.clone(),
+                        r.status.clone(),
+                        r.currency.clone(),
+                        r.events_applied,
+                    )
+                })
+                .collect::<Vec<_>>()
+                == expected
+        },
+    )
+    .await;
+    for child in [&mut steady, &mut victim] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    // Each instance was given partitions at some point.
+    let assigned = |prefix: &str| {
+        std::fs::read_dir(&logs)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name().to_string_lossy().starts_with(prefix)
+                    && std::fs::read_to_string(e.path())
+                        .unwrap()
+                        .contains("partitions assigned")
+            })
+    };
+    assert!(
+        assigned("steady") && assigned("victim"),
+        "both instances consumed (logs in {})",
+        logs.display()
+    );
+    println!(
+        "runner SIGKILLed {kills} times: {} events applied exactly once",
+        orders * 2
+    );
+    std::fs::remove_dir_all(&logs).ok();
+    relay_stop.send(()).unwrap();
+    relay.await.unwrap().unwrap();
+}

@@ -1,7 +1,7 @@
 //! The `tidings` command line, also embeddable in a user's own binary.
 //!
 //! The generic binary offers what needs no user code: `migrate`, `relay`,
-//! `outbox status` and `stream show`. A user's binary can flatten
+//! `outbox status`, `projections status`, `dlq list` and `stream show`. A user's binary can flatten
 //! [`Command`] into its own clap command and add the commands that need its
 //! code. Exit codes: 0 success, 1 operation failed, 2 invalid usage or
 //! configuration.
@@ -62,6 +62,84 @@ pub enum Command {
     /// Inspect event streams.
     #[command(subcommand)]
     Stream(StreamCommand),
+    /// Inspect projections.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
+    /// Inspect dead-lettered and parked events.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// `tidings projections …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Generation, position, lag per partition and parked events of every projection.
+    Status,
+}
+
+/// `tidings dlq …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DlqCommand {
+    /// List parked events (the dead-lettered ones and those waiting behind them).
+    List {
+        /// Only this projection's.
+        #[arg(long)]
+        projection: Option<String>,
+    },
+}
+
+/// Commands that need the user's projection code: offer them from your own
+/// binary with `#[command(subcommand)] Projection(ProjectionCommand)` and
+/// [`ProjectionCommand::run`].
+#[derive(Debug, Clone, Subcommand)]
+pub enum ProjectionCommand {
+    /// Run the projection until SIGTERM or Ctrl-C.
+    Run {
+        /// Prefix of the topics read (as the store's topic prefix).
+        #[arg(long, env = "TIDINGS_TOPIC_PREFIX", default_value = "")]
+        topic_prefix: String,
+    },
+    /// Rebuild the read model from the beginning of the topics (running
+    /// instances pick the new generation up by themselves).
+    Replay,
+    /// Re-apply parked events in order.
+    Redrive,
+}
+
+impl ProjectionCommand {
+    /// Runs the command for `projection`.
+    pub async fn run<P: crate::projection::Projection>(
+        self,
+        global: &GlobalArgs,
+        projection: P,
+    ) -> Result<()> {
+        let pool = global.pool().await?;
+        match self {
+            ProjectionCommand::Run { topic_prefix } => {
+                let config = crate::projection::RunnerConfig::new(global.kafka()?)
+                    .topic_prefix(topic_prefix);
+                crate::projection::Runner::new(pool, projection, config)?
+                    .run(shutdown_signal())
+                    .await
+            }
+            ProjectionCommand::Replay => {
+                let generation = crate::projection::replay(&pool, &projection).await?;
+                println!(
+                    "projection {} reset; generation {generation} rebuilds from the beginning",
+                    projection.name()
+                );
+                Ok(())
+            }
+            ProjectionCommand::Redrive => {
+                let report = crate::projection::redrive(&pool, &projection).await?;
+                println!(
+                    "re-driven: {} applied, {} already applied, {} still parked",
+                    report.applied, report.skipped, report.still_parked
+                );
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Options of `tidings relay`.
@@ -213,6 +291,66 @@ impl Command {
                     for (topic, n) in &status.topics {
                         println!("  {topic}: {n}");
                     }
+                }
+                Ok(())
+            }
+            Command::Projections(ProjectionsCommand::Status) => {
+                let pool = global.pool().await?;
+                let kafka = global.kafka()?;
+                let projections: Vec<(String, Vec<String>)> = sqlx::query_as(
+                    "SELECT p.name, coalesce(array_agg(DISTINCT c.topic) FILTER (WHERE c.topic IS NOT NULL), '{}') \
+                     FROM tidings_projections p LEFT JOIN tidings_checkpoints c ON c.projection = p.name \
+                     GROUP BY p.name ORDER BY p.name",
+                )
+                .fetch_all(&pool)
+                .await
+                .map_err(Error::db("listing projections"))?;
+                if projections.is_empty() {
+                    println!("no projection has run against this database");
+                }
+                for (name, topics) in projections {
+                    let status =
+                        crate::projection::projection_status(&pool, &kafka, &name, &topics).await?;
+                    println!(
+                        "{name}: generation {}, lag {}, dead-lettered {}, parked {}",
+                        status.generation,
+                        status.lag(),
+                        status.dead_lettered,
+                        status.parked
+                    );
+                    for p in &status.partitions {
+                        println!(
+                            "  {}[{}]: position {} of {} (lag {})",
+                            p.topic, p.partition, p.position, p.high_watermark, p.lag
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Command::Dlq(DlqCommand::List { projection }) => {
+                let pool = global.pool().await?;
+                let parked = crate::projection::list_parked(&pool, projection.as_deref()).await?;
+                if parked.is_empty() {
+                    println!("no parked events");
+                }
+                for p in parked {
+                    println!(
+                        "{} {} {}/{} seq {} from {}[{}]@{}: {}{}",
+                        p.id,
+                        p.projection,
+                        p.aggregate_type,
+                        p.aggregate_id,
+                        p.sequence.map_or("?".into(), |s| s.to_string()),
+                        p.topic,
+                        p.partition,
+                        p.offset,
+                        if p.dead_letter {
+                            "dead-lettered: "
+                        } else {
+                            "parked: "
+                        },
+                        p.reason
+                    );
                 }
                 Ok(())
             }
