@@ -35,7 +35,7 @@ pub struct RunnerConfig {
     /// How often the runner checks whether a replay started a new generation
     /// (default 1 s).
     pub generation_check: Duration,
-    /// How the dead letter topic is created if missing.
+    /// How missing topics (read, and the dead letter topic) are created.
     pub dead_letter_topic_spec: TopicSpec,
 }
 

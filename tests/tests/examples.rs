@@ -1,0 +1,122 @@
+//! The examples and the command lines, run as a user would, against the
+//! real services: output and exit codes.
+
+use std::process::{Command, Output};
+
+use tidings_tests::{TestDb, brokers, database_url, example_bin, tidings_bin, unique};
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn the_quick_start_runs_end_to_end_and_its_replay_is_identical() {
+    let output = Command::new(example_bin("quickstart"))
+        .env("DATABASE_URL", database_url())
+        .env("KAFKA_BROKERS", brokers())
+        .output()
+        .expect("running the quick start");
+    let all = text(&output);
+    assert!(output.status.success(), "{all}");
+    for step in [
+        "1. database tidings_quickstart migrated",
+        "4. order_summary read model:",
+        "identical to the original: true",
+    ] {
+        assert!(all.contains(step), "missing `{step}` in:\n{all}");
+    }
+}
+
+#[tokio::test]
+async fn commands_work_against_the_real_services_with_reliable_exit_codes() {
+    let db = TestDb::empty().await;
+    let prefix = format!("{}.", unique("t"));
+    let orders = |args: &[&str]| {
+        Command::new(example_bin("orders"))
+            .args(args)
+            .env("DATABASE_URL", db.url())
+            .env("KAFKA_BROKERS", brokers())
+            .env("TIDINGS_TOPIC_PREFIX", &prefix)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("running the orders example")
+    };
+    let tidings = |args: &[&str]| {
+        Command::new(tidings_bin())
+            .args(args)
+            .env("DATABASE_URL", db.url())
+            .env("KAFKA_BROKERS", brokers())
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("running tidings")
+    };
+
+    // Before migrating: a clear error, exit code 1.
+    let out = tidings(&["outbox", "status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("run `tidings migrate`"),
+        "{}",
+        text(&out)
+    );
+
+    let out = tidings(&["migrate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("migrations applied"));
+
+    let out = orders(&["create", "ORD-9", "alice", "12.5"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("order ORD-9: sequence 1"));
+    let out = orders(&["pay", "ORD-9", "PAY-9", "3"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a refused command: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("does not match the order total"),
+        "{}",
+        text(&out)
+    );
+
+    let out = tidings(&["outbox", "status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["depth"], 1);
+    assert_eq!(status["topics"][format!("{prefix}orders")], 1);
+
+    let out = tidings(&["stream", "show", "order", "ORD-9"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let line = String::from_utf8_lossy(&out.stdout);
+    let envelope = tidings::RawEnvelope::from_slice(line.trim().as_bytes()).unwrap();
+    assert_eq!(
+        (envelope.event_type.as_str(), envelope.sequence),
+        ("OrderCreated", 1)
+    );
+
+    let out = tidings(&["dlq", "list"]);
+    assert!(
+        out.status.success() && text(&out).contains("no parked events"),
+        "{}",
+        text(&out)
+    );
+
+    // Bad configuration: exit code 2 and a message naming the setting.
+    let out = Command::new(tidings_bin())
+        .args(["outbox", "status"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("DATABASE_URL"), "{}", text(&out));
+    let out = tidings(&["relay", "-X", "novalue"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("key=value"), "{}", text(&out));
+    let out = tidings(&["no-such-command"]);
+    assert_eq!(out.status.code(), Some(2));
+}
