@@ -675,3 +675,83 @@ async fn two_instances_share_the_partitions_and_a_killed_one_loses_and_repeats_n
     relay_stop.send(()).unwrap();
     relay.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_downtime_rebuild_serves_the_old_version_until_the_new_one_caught_up() {
+    let db = TestDb::new().await;
+    let prefix = format!("{}.", unique("t"));
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig::default().topic_prefix(&prefix),
+    );
+    let topic = store.topic_of::<Order>();
+    let v1 = OrderSummary::new("summary_v1", "order_summary_v1");
+    let v2 = OrderSummary::new("summary_v2", "order_summary_v2");
+    v1.create_table(&db.pool).await.unwrap();
+    v2.create_table(&db.pool).await.unwrap();
+    sqlx::query("CREATE VIEW order_summary AS SELECT * FROM order_summary_v1")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    for i in 0..30 {
+        let id = format!("ORD-{i:02}");
+        let create = OrderCommand::Create {
+            order_id: id.clone(),
+            user_id: "U".into(),
+            amount: 2.0,
+            currency: "EUR".into(),
+        };
+        store.execute::<Order>(&id, create).await.unwrap();
+    }
+    let (relay_stop, relay) = start_relay(&db);
+    let old = start(&db, v1.clone(), &prefix);
+    let served = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM order_summary")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    wait_for("v1 serves", Duration::from_secs(60), async || {
+        served().await == 30
+    })
+    .await;
+
+    // Build v2 alongside; readers keep seeing v1 all along.
+    let new = start(&db, v2.clone(), &prefix);
+    let kafka = KafkaConfig::new(brokers());
+    let switched = tidings::projection::switch_when_caught_up(
+        &db.pool,
+        &kafka,
+        "summary_v2",
+        std::slice::from_ref(&topic),
+        "CREATE OR REPLACE VIEW order_summary AS SELECT * FROM order_summary_v2",
+        Duration::from_secs(60),
+    );
+    let (status, during) = tokio::join!(switched, async {
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            seen.push(served().await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seen
+    });
+    assert_eq!(status.unwrap().lag(), 0);
+    assert!(
+        during.iter().all(|n| *n == 30),
+        "the old version served complete rows meanwhile: {during:?}"
+    );
+    let definition: String = sqlx::query_scalar("SELECT pg_get_viewdef('order_summary')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(definition.contains("order_summary_v2"), "{definition}");
+    assert_eq!(
+        v2.rows(&db.pool).await.unwrap(),
+        v1.rows(&db.pool).await.unwrap()
+    );
+    assert_eq!(served().await, 30);
+    old.stop().await;
+    new.stop().await;
+    relay_stop.send(()).unwrap();
+    relay.await.unwrap().unwrap();
+}

@@ -23,7 +23,9 @@
 //!   consumer while the others go on.
 //! - **Replayable.** [`replay`] resets the read model and the positions and
 //!   starts a new consumer group generation that reads the topics from the
-//!   beginning.
+//!   beginning. For zero downtime, run the new version under another name
+//!   into its own tables while the old one serves, and let
+//!   [`switch_when_caught_up`] move readers over atomically.
 
 mod apply;
 mod dlq;
@@ -38,7 +40,9 @@ use crate::event::Event;
 
 pub use dlq::{ParkedEvent, RedriveReport, list_parked, redrive};
 pub use runner::{Runner, RunnerConfig, RunnerStats};
-pub use status::{PartitionLag, ProjectionStatus, generation, projection_status, replay};
+pub use status::{
+    PartitionLag, ProjectionStatus, generation, projection_status, replay, switch_when_caught_up,
+};
 
 /// A boxed error from user code.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

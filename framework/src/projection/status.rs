@@ -200,3 +200,45 @@ pub async fn projection_status(
         dead_lettered,
     })
 }
+
+/// Zero-downtime rebuild: waits until the projection `name` (a new version
+/// of a read model, built under its own name into its own tables while the
+/// current version keeps serving) has caught up with its topics, then runs
+/// `switch` (e.g. `CREATE OR REPLACE VIEW orders AS SELECT * FROM orders_v2`)
+/// in one transaction, so readers move from the old version to the new one
+/// atomically. Fails after `timeout` without switching.
+pub async fn switch_when_caught_up(
+    pool: &PgPool,
+    kafka: &KafkaConfig,
+    name: &str,
+    topics: &[String],
+    switch: &str,
+    timeout: Duration,
+) -> Result<ProjectionStatus> {
+    let started = std::time::Instant::now();
+    loop {
+        let status = projection_status(pool, kafka, name, topics).await?;
+        let started_all = !status.partitions.is_empty();
+        if started_all && status.lag() == 0 {
+            let mut tx = pool
+                .begin()
+                .await
+                .map_err(Error::db("beginning the switch"))?;
+            sqlx::raw_sql(switch)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db(format!("switching to projection {name}")))?;
+            tx.commit()
+                .await
+                .map_err(Error::db("committing the switch"))?;
+            return Ok(status);
+        }
+        if started.elapsed() > timeout {
+            return Err(Error::Config(format!(
+                "projection {name} did not catch up within {timeout:?} (lag {}); nothing switched",
+                status.lag()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
