@@ -172,10 +172,22 @@ pub async fn consume(
     quiet: Duration,
     deadline: Duration,
 ) -> Vec<Received> {
+    consume_from(&brokers(), topic, at_least, quiet, deadline).await
+}
+
+/// [`consume`] from a given broker.
+pub async fn consume_from(
+    brokers: &str,
+    topic: &str,
+    at_least: usize,
+    quiet: Duration,
+    deadline: Duration,
+) -> Vec<Received> {
     use rdkafka::Message;
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Headers;
-    let consumer: StreamConsumer = kafka_config()
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique("test_reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -291,4 +303,116 @@ pub fn example_bin(name: &str) -> std::path::PathBuf {
         bin.display()
     );
     bin
+}
+
+/// A broker process of the tests' own, with its data in a PostgreSQL
+/// database so that it survives a restart: for stopping and restarting the
+/// broker under a running pipeline.
+#[derive(Debug)]
+pub struct OwnBroker {
+    /// `127.0.0.1:port`.
+    pub address: String,
+    storage: String,
+    database: String,
+    child: Option<std::process::Child>,
+}
+
+impl OwnBroker {
+    /// Starts a broker on a free loopback port with storage in a fresh database.
+    pub async fn start() -> OwnBroker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let database = unique("broker_storage");
+        let server: PgConnectOptions = database_url().parse().unwrap();
+        let mut admin = server.connect().await.unwrap();
+        admin
+            .execute(format!("CREATE DATABASE {database}").as_str())
+            .await
+            .unwrap();
+        let host = server.get_host().to_owned();
+        let storage = format!(
+            "postgres://{}@{host}:{}/{database}?sslmode=disable",
+            server.get_username(),
+            server.get_port()
+        );
+        let mut broker = OwnBroker {
+            address: format!("127.0.0.1:{port}"),
+            storage,
+            database,
+            child: None,
+        };
+        broker.resume();
+        broker
+    }
+
+    /// Starts the broker process again (after [`OwnBroker::kill`]).
+    pub fn resume(&mut self) {
+        let nisshi = std::env::var("TIDINGS_NISSHI").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/tidings/nisshi-0.8.1/bin/nisshi",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        let url = format!("tcp://{}", self.address);
+        let child = std::process::Command::new(nisshi)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args([
+                "--group-initial-rebalance-delay",
+                "100ms",
+                "--storage-engine",
+                &self.storage,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting nisshi (scripts/dev.sh up installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&self.address).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the test broker did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the broker process (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.kill();
+        let server: PgConnectOptions = database_url().parse().unwrap();
+        let database = self.database.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                let mut admin = server.connect().await.ok()?;
+                admin
+                    .execute(format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)").as_str())
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
 }
