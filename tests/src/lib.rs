@@ -98,24 +98,37 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let options = self.options.clone();
-        let name = self.name.clone();
-        let dropper = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async move {
-                let mut admin = options.connect().await.ok()?;
-                admin
-                    .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-                    .await
-                    .ok()?;
-                admin.close().await.ok()
-            })
-        });
-        let _ = dropper.join();
+        drop_database(self.options.clone(), self.name.clone());
     }
+}
+
+/// Drops a database from a destructor (on a thread of its own: drop may run
+/// inside an async runtime). Failures are ignored: it is only cleanup.
+fn drop_database(server: PgConnectOptions, name: String) {
+    let dropper = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async move {
+            let mut admin = server.connect().await.ok()?;
+            admin
+                .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                .await
+                .ok()?;
+            admin.close().await.ok()
+        })
+    });
+    let _ = dropper.join();
+}
+
+/// A store whose topics carry a prefix unique to the test.
+pub fn prefixed_store(db: &TestDb) -> tidings::Store {
+    let prefix = format!("{}.", unique("t"));
+    tidings::Store::with_config(
+        db.pool.clone(),
+        tidings::StoreConfig::default().topic_prefix(prefix),
+    )
 }
 
 /// A client configuration for the test broker.
@@ -398,21 +411,6 @@ impl OwnBroker {
 impl Drop for OwnBroker {
     fn drop(&mut self) {
         self.kill();
-        let server: PgConnectOptions = database_url().parse().unwrap();
-        let database = self.database.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async move {
-                let mut admin = server.connect().await.ok()?;
-                admin
-                    .execute(format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)").as_str())
-                    .await
-                    .ok()
-            })
-        })
-        .join();
+        drop_database(database_url().parse().unwrap(), self.database.clone());
     }
 }

@@ -7,7 +7,7 @@ use tidings::kafka::KafkaConfig;
 use tidings::relay::{Relay, RelayConfig};
 use tidings::{EventContext, Store, StoreConfig};
 use tidings_examples::orders::{Order, OrderCommand};
-use tidings_tests::{TestDb, brokers, check_streams, consume, tidings_bin, unique};
+use tidings_tests::{TestDb, brokers, check_streams, consume, prefixed_store, tidings_bin};
 use tokio::sync::oneshot;
 
 fn create(id: &str) -> OrderCommand {
@@ -57,11 +57,7 @@ async fn wait_outbox_empty(db: &TestDb, within: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_events_arrive_exactly_as_stored_and_rolled_back_ones_never() {
     let db = TestDb::new().await;
-    let prefix = format!("{}.", unique("t"));
-    let store = Store::with_config(
-        db.pool.clone(),
-        StoreConfig::default().topic_prefix(&prefix),
-    );
+    let store = prefixed_store(&db);
     let topic = store.topic_of::<Order>();
     let (stop, relay) = spawn_relay(&db, relay_config());
 
@@ -135,11 +131,7 @@ async fn three_relays_keep_every_aggregate_in_order() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
     let db = TestDb::new().await;
-    let prefix = format!("{}.", unique("t"));
-    let store = Store::with_config(
-        db.pool.clone(),
-        StoreConfig::default().topic_prefix(&prefix),
-    );
+    let store = prefixed_store(&db);
     let topic = store.topic_of::<Order>();
     let relays: Vec<_> = (0..3)
         .map(|_| spawn_relay(&db, relay_config().batch_size(200)))
@@ -197,11 +189,7 @@ async fn three_relays_keep_every_aggregate_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_commit_with_a_lower_id_is_still_published() {
     let db = TestDb::new().await;
-    let prefix = format!("{}.", unique("t"));
-    let store = Store::with_config(
-        db.pool.clone(),
-        StoreConfig::default().topic_prefix(&prefix),
-    );
+    let store = prefixed_store(&db);
     let topic = store.topic_of::<Order>();
     let (stop, relay) = spawn_relay(&db, relay_config());
 
@@ -245,11 +233,7 @@ async fn a_late_commit_with_a_lower_id_is_still_published() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_relay_wakes_on_commit() {
     let db = TestDb::new().await;
-    let prefix = format!("{}.", unique("t"));
-    let store = Store::with_config(
-        db.pool.clone(),
-        StoreConfig::default().topic_prefix(&prefix),
-    );
+    let store = prefixed_store(&db);
     // Poll only every 30 s: anything faster is the notification.
     let (stop, relay) = spawn_relay(&db, relay_config().poll_interval(Duration::from_secs(30)));
     store
@@ -313,11 +297,7 @@ async fn relay_processes_killed_mid_batch_lose_nothing() {
     let aggregates = 50u64;
     let per = 40u64;
     let db = TestDb::new().await;
-    let prefix = format!("{}.", unique("t"));
-    let store = Store::with_config(
-        db.pool.clone(),
-        StoreConfig::default().topic_prefix(&prefix),
-    );
+    let store = prefixed_store(&db);
     let topic = store.topic_of::<Order>();
     let spawn = || {
         std::process::Command::new(tidings_bin())
@@ -386,11 +366,7 @@ async fn relay_processes_killed_mid_batch_lose_nothing() {
 async fn a_broker_stopped_and_restarted_mid_run_loses_nothing() {
     let mut broker = tidings_tests::OwnBroker::start().await;
     let db = TestDb::new().await;
-    let prefix = format!("{}.", unique("t"));
-    let store = Store::with_config(
-        db.pool.clone(),
-        StoreConfig::default().topic_prefix(&prefix),
-    );
+    let store = prefixed_store(&db);
     let topic = store.topic_of::<Order>();
     let config = RelayConfig::new(KafkaConfig::new(&broker.address))
         .poll_interval(Duration::from_millis(200))
