@@ -29,8 +29,9 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Settings every command shares.
-#[derive(Debug, Clone, Args)]
+/// Settings every command shares. Its `Debug` output hides the database
+/// password and secret Kafka properties.
+#[derive(Clone, Args)]
 pub struct GlobalArgs {
     /// PostgreSQL URL (postgres://user:password@host:port/database).
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
@@ -183,6 +184,48 @@ pub enum StreamCommand {
         /// The aggregate id.
         id: String,
     },
+}
+
+impl std::fmt::Debug for GlobalArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: Vec<String> = self
+            .kafka_properties
+            .iter()
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if crate::kafka::is_secret_property(k) => format!("{k}=<redacted>"),
+                _ => p.clone(),
+            })
+            .collect();
+        f.debug_struct("GlobalArgs")
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
+            .field("brokers", &self.brokers)
+            .field("kafka_properties", &properties)
+            .finish()
+    }
+}
+
+/// A URL with its password (if any) replaced by `<redacted>`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => match authority[..at].split_once(':') {
+            Some((user, _)) => format!(
+                "{}{user}:<redacted>{}",
+                &url[..scheme_end + 3],
+                &url[scheme_end + 3 + at..]
+            ),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }
 
 impl GlobalArgs {
@@ -400,4 +443,42 @@ pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     exit_code(cli.command.run(&cli.global).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let args = GlobalArgs {
+            database_url: Some(
+                "postgres://app:s3cret-pw@db.internal:5432/shop?sslmode=require".into(),
+            ),
+            brokers: Some("broker:9093".into()),
+            kafka_properties: vec![
+                "sasl.password=hunter2".into(),
+                "security.protocol=SASL_SSL".into(),
+            ],
+        };
+        let shown = format!("{args:?}");
+        assert!(
+            !shown.contains("s3cret-pw") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("postgres://app:<redacted>@db.internal:5432/shop"),
+            "{shown}"
+        );
+        assert!(shown.contains("security.protocol=SASL_SSL"), "{shown}");
+
+        let kafka = args.kafka().unwrap();
+        let shown = format!("{kafka:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
 }
