@@ -9,19 +9,16 @@
 //! rebuilt read model is identical.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Executor, PgPool};
-use tidings::kafka::KafkaConfig;
-use tidings::projection::{Runner, RunnerConfig, replay};
-use tidings::relay::{Relay, RelayConfig};
+use sqlx::Executor;
+use tidings::projection::replay;
 use tidings::{EventContext, ExecuteError, Store, StoreConfig};
+use tidings_examples::demo::{
+    BoxError, fresh_database, kafka, spawn_projection, spawn_relay, unique_prefix, wait_until,
+};
 use tidings_examples::orders::{Order, OrderCommand};
 use tidings_examples::summary::{OrderSummary, SummaryRow};
-use tokio::sync::oneshot;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn print_rows(rows: &[SummaryRow]) {
     println!(
@@ -42,25 +39,11 @@ fn print_rows(rows: &[SummaryRow]) {
     }
 }
 
-async fn fresh_database(server: &PgConnectOptions) -> Result<PgPool, BoxError> {
-    let mut admin = server.connect().await?;
-    admin
-        .execute("DROP DATABASE IF EXISTS tidings_quickstart WITH (FORCE)")
-        .await?;
-    admin.execute("CREATE DATABASE tidings_quickstart").await?;
-    Ok(PgPool::connect_with(server.clone().database("tidings_quickstart")).await?)
-}
-
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let server: PgConnectOptions = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-        .parse()?;
-    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let kafka = KafkaConfig::new(&brokers);
-
-    let pool = fresh_database(&server).await?;
-    tidings::MIGRATOR.run(&pool).await?;
+    let kafka = kafka();
+    let brokers = kafka.brokers.clone();
+    let pool = fresh_database("tidings_quickstart").await?;
     let summary = OrderSummary::default();
     summary.create_table(&pool).await?;
     pool.execute("CREATE TABLE shop_orders (order_id TEXT PRIMARY KEY, note TEXT NOT NULL)")
@@ -68,7 +51,7 @@ async fn main() -> Result<(), BoxError> {
     println!("1. database tidings_quickstart migrated; broker {brokers}");
 
     // Fresh topics on every run: a unique prefix.
-    let prefix = format!("quickstart-{}.", uuid::Uuid::now_v7().simple());
+    let prefix = unique_prefix("quickstart");
     let store = Store::with_config(pool.clone(), StoreConfig::default().topic_prefix(&prefix));
     let create = |id: &str, user: &str, amount: f64| OrderCommand::Create {
         order_id: id.into(),
@@ -130,36 +113,19 @@ async fn main() -> Result<(), BoxError> {
     let outbox = tidings::store::outbox_status(&pool).await?;
     println!("   outbox: {} events waiting for the relay", outbox.depth);
 
-    let relay = Relay::new(pool.clone(), RelayConfig::new(kafka.clone()))?;
-    let relay_stats = relay.stats();
-    let (relay_stop, relay_stopped) = oneshot::channel::<()>();
-    let relay_task = tokio::spawn(relay.run(async move {
-        let _ = relay_stopped.await;
-    }));
-    let runner = Runner::new(
-        pool.clone(),
-        summary.clone(),
-        RunnerConfig::new(kafka.clone()).topic_prefix(&prefix),
-    )?;
-    let runner_stats = runner.stats();
-    let (runner_stop, runner_stopped) = oneshot::channel::<()>();
-    let runner_task = tokio::spawn(runner.run(async move {
-        let _ = runner_stopped.await;
-    }));
+    let (relay, relay_stats) = spawn_relay(&pool, &kafka)?;
+    let (runner, runner_stats) = spawn_projection(&pool, summary.clone(), &kafka, &prefix)?;
 
     let total = outbox.depth;
-    let started = Instant::now();
-    while runner_stats.applied.load(Ordering::Relaxed) < total {
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err("the read model did not catch up within 60 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let took = wait_until("the read model", Duration::from_secs(60), || async {
+        Ok(runner_stats.applied.load(Ordering::Relaxed) >= total)
+    })
+    .await?;
     println!(
         "3. relay published {} events to {prefix}orders; projection applied {} in {:?}",
         relay_stats.published.load(Ordering::Relaxed),
         runner_stats.applied.load(Ordering::Relaxed),
-        started.elapsed()
+        took
     );
     let before = summary.rows(&pool).await?;
     println!("4. order_summary read model:");
@@ -169,28 +135,20 @@ async fn main() -> Result<(), BoxError> {
     println!(
         "5. replay: read model reset, generation {generation} reads the topic from the beginning"
     );
-    let started = Instant::now();
-    let after = loop {
+    wait_until("the replay", Duration::from_secs(60), || async {
         let rows = summary.rows(&pool).await?;
-        if rows.len() == before.len()
-            && rows.iter().map(|r| r.events_applied).sum::<i32>() == total as i32
-        {
-            break rows;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err("the replay did not finish within 60 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        Ok(rows.len() == before.len()
+            && rows.iter().map(|r| r.events_applied).sum::<i32>() == total as i32)
+    })
+    .await?;
+    let after = summary.rows(&pool).await?;
     println!("6. rebuilt read model:");
     print_rows(&after);
     let identical = after == before;
     println!("   identical to the original: {identical}");
 
-    let _ = runner_stop.send(());
-    let _ = relay_stop.send(());
-    runner_task.await??;
-    relay_task.await??;
+    runner.stop().await?;
+    relay.stop().await?;
     if !identical {
         return Err("the replayed read model differs".into());
     }

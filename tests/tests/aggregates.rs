@@ -119,3 +119,54 @@ fn commands_on_a_missing_order_are_refused() {
         .when(OrderCommand::Cancel { reason: "x".into() })
         .then_error(OrderError::NotFound);
 }
+
+mod auctions {
+    use tidings::testing::given;
+    use tidings_examples::auctions::{Auction, AuctionCommand, AuctionError, AuctionEvent};
+
+    fn opened() -> AuctionEvent {
+        AuctionEvent::AuctionOpened {
+            item: "guitar".into(),
+            reserve: 100,
+        }
+    }
+
+    #[test]
+    fn bids_must_beat_the_reserve_and_the_leader() {
+        given::<Auction>([opened()])
+            .when(AuctionCommand::Bid {
+                bidder: "a".into(),
+                amount: 99,
+            })
+            .then_error(AuctionError::TooLow {
+                amount: 99,
+                leading: 99,
+            });
+        let auction = given::<Auction>([
+            opened(),
+            AuctionEvent::BidSubmitted {
+                bidder: "a".into(),
+                amount: 120,
+            },
+        ])
+        .when(AuctionCommand::Bid {
+            bidder: "b".into(),
+            amount: 121,
+        })
+        .then([AuctionEvent::BidSubmitted {
+            bidder: "b".into(),
+            amount: 121,
+        }]);
+        assert_eq!(auction.leading, Some(("b".into(), 121)));
+    }
+
+    #[test]
+    fn a_closed_auction_takes_no_bid() {
+        given::<Auction>([opened(), AuctionEvent::AuctionClosed { winner: None }])
+            .when(AuctionCommand::Bid {
+                bidder: "a".into(),
+                amount: 500,
+            })
+            .then_error(AuctionError::NotOpen);
+    }
+}

@@ -31,6 +31,37 @@ fn the_quick_start_runs_end_to_end_and_its_replay_is_identical() {
     }
 }
 
+fn run_example(name: &str) -> String {
+    let output = Command::new(example_bin(name))
+        .env("DATABASE_URL", database_url())
+        .env("KAFKA_BROKERS", brokers())
+        .output()
+        .expect("running an example");
+    let all = text(&output);
+    assert!(output.status.success(), "example {name} failed:\n{all}");
+    all
+}
+
+#[test]
+fn the_auctions_example_keeps_every_bid_and_their_order() {
+    let out = run_example("auctions");
+    assert!(out.contains("bids strictly rising: true"), "{out}");
+    assert!(out.contains("equal to the aggregate: true"), "{out}");
+}
+
+#[test]
+fn the_reports_example_rebuilds_identical_daily_totals() {
+    let out = run_example("reports");
+    assert!(
+        out.contains("25 orders worth 3250.00, 1950.00 paid, 5 cancelled"),
+        "{out}"
+    );
+    assert!(
+        out.contains("replayed from the topic: identical: true"),
+        "{out}"
+    );
+}
+
 #[tokio::test]
 async fn commands_work_against_the_real_services_with_reliable_exit_codes() {
     let db = TestDb::empty().await;
