@@ -289,14 +289,24 @@ pub fn check_streams(
     duplicates
 }
 
+/// The profile's build folder (`target/debug` or `target/release`) this
+/// executable was built into (tests live one level lower, in `deps`).
+fn build_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("a folder").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.parent().expect("a folder").to_path_buf()
+    } else {
+        dir
+    }
+}
+
 /// Path of the `tidings` binary built alongside the tests.
 pub fn tidings_bin() -> std::path::PathBuf {
     if let Some(path) = option_env!("CARGO_BIN_EXE_tidings") {
         return path.into();
     }
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("tidings");
+    let bin = build_dir().join("tidings");
     assert!(
         bin.exists(),
         "{} not built: run `cargo build -p tidings` first",
@@ -307,9 +317,7 @@ pub fn tidings_bin() -> std::path::PathBuf {
 
 /// Path of an example binary built alongside the tests (`cargo test` builds examples).
 pub fn example_bin(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("examples").join(name);
+    let bin = build_dir().join("examples").join(name);
     assert!(
         bin.exists(),
         "{} not built: run `cargo build -p tidings-examples --examples` first",

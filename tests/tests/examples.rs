@@ -151,3 +151,39 @@ async fn commands_work_against_the_real_services_with_reliable_exit_codes() {
     let out = tidings(&["no-such-command"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn the_benchmark_program_runs_at_a_tiny_size() {
+    let json = std::env::temp_dir().join(format!("{}.json", unique("bench")));
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args([
+            "all",
+            "--commands",
+            "16",
+            "--events",
+            "200",
+            "--rate",
+            "50",
+            "--seconds",
+            "1",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .env("DATABASE_URL", database_url())
+        .env("KAFKA_BROKERS", brokers())
+        .output()
+        .expect("running the benchmark");
+    assert!(output.status.success(), "{}", text(&output));
+    let figures: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(figures.len(), 13, "{figures:?}");
+    for figure in &figures {
+        assert!(figure["tidings"].as_f64().unwrap() > 0.0, "{figure}");
+    }
+    assert!(
+        text(&output).contains("| relay drain |"),
+        "{}",
+        text(&output)
+    );
+    std::fs::remove_file(json).ok();
+}

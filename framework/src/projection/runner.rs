@@ -256,6 +256,16 @@ impl<P: Projection> Runner<P> {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false");
+        // Latency over request count: a broker that holds an empty fetch for
+        // the whole wait delays the first event after a quiet spell.
+        if !self
+            .config
+            .kafka
+            .properties
+            .contains_key("fetch.wait.max.ms")
+        {
+            client.set("fetch.wait.max.ms", "50");
+        }
         let consumer: Arc<StreamConsumer<RunnerContext>> = Arc::new(
             client
                 .create_with_context(RunnerContext {

@@ -1,0 +1,609 @@
+//! Benchmarks against real PostgreSQL and the real broker, each figure with
+//! its raw baseline measured in the same run:
+//!
+//! `cargo run --release -p tidings-tests --bin bench -- all`
+//! (after `scripts/dev.sh up`; sizes by flags, see `--help`).
+//!
+//! - append: `Store::execute` vs raw sqlx inserts of the same rows, one
+//!   transaction per command, same concurrency;
+//! - relay: draining a pre-filled outbox (the `tidings relay` process) vs a
+//!   raw idempotent producer sending the same payloads;
+//! - replay: rebuilding the order summary (the `orders summary run`
+//!   process) vs a raw consumer doing the same inserts in the same batches;
+//! - end to end: latency from command commit to read model updated at a
+//!   fixed offered rate;
+//! - peak RSS of the relay and runner processes.
+//!
+//! Prints a table and writes JSON (`--json`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Executor, PgPool};
+use tidings::{Aggregate, Event, EventContext, RawEnvelope, Store};
+use tidings_tests::{database_url, example_bin, kafka_config, tidings_bin, unique};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// tidings benchmarks (real PostgreSQL and broker; see the module docs).
+#[derive(Debug, Parser)]
+struct Args {
+    /// Which: all, append, relay, replay, e2e.
+    #[arg(default_value = "all")]
+    which: String,
+    /// Commands per append configuration.
+    #[arg(long, default_value_t = 2000)]
+    commands: usize,
+    /// Events in the relay and replay runs.
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    /// Offered command rate of the end-to-end run (commands/s).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Seconds of the end-to-end run.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench-results.json")]
+    json: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Event)]
+enum BenchEvent {
+    Recorded { n: u64, note: String },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Counter {
+    n: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("never")]
+struct Never;
+
+impl Aggregate for Counter {
+    const TYPE: &'static str = "counter";
+    type Event = BenchEvent;
+    type Command = usize;
+    type Error = Never;
+
+    fn handle(&self, events: usize) -> Result<Vec<BenchEvent>, Never> {
+        Ok((0..events)
+            .map(|i| BenchEvent::Recorded {
+                n: self.n + i as u64,
+                note: "benchmark payload".into(),
+            })
+            .collect())
+    }
+
+    fn apply(&mut self, _: &BenchEvent) {
+        self.n += 1;
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Figure {
+    name: String,
+    unit: String,
+    tidings: f64,
+    baseline: Option<f64>,
+}
+
+impl Figure {
+    fn ratio(&self) -> Option<f64> {
+        self.baseline
+            .map(|b| if b > 0.0 { self.tidings / b } else { 0.0 })
+    }
+}
+
+async fn fresh_pool() -> Result<PgPool, BoxError> {
+    let server: PgConnectOptions = database_url().parse()?;
+    let mut admin = server.connect().await?;
+    admin
+        .execute("DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)")
+        .await?;
+    admin.execute("CREATE DATABASE tidings_bench").await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(40)
+        .connect_with(server.database("tidings_bench"))
+        .await?;
+    tidings::MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}
+
+fn db_url() -> String {
+    let base = database_url();
+    match base.rfind('/') {
+        Some(i) if base[..i].contains("://") && base[..i].matches('/').count() >= 2 => {
+            format!("{}/tidings_bench", &base[..i])
+        }
+        _ => format!("{base}/tidings_bench"),
+    }
+}
+
+async fn reset(pool: &PgPool) -> Result<(), BoxError> {
+    pool.execute("TRUNCATE tidings_events, tidings_outbox, tidings_snapshots")
+        .await?;
+    Ok(())
+}
+
+/// `Store::execute`, `writers` at once, each on its own 50 aggregates.
+async fn append_tidings(
+    pool: &PgPool,
+    writers: usize,
+    per: usize,
+    commands: usize,
+) -> Result<f64, BoxError> {
+    let store = Store::new(pool.clone());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for c in 0..commands / writers {
+                    let id = format!("w{w}-{}", c % 50);
+                    store
+                        .execute::<Counter>(&id, per)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok::<_, String>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok((commands / writers * writers) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The same rows with plain sqlx: per command, one transaction inserting the
+/// events and the outbox rows (set-based, as a careful hand-written outbox would).
+async fn append_raw(
+    pool: &PgPool,
+    writers: usize,
+    per: usize,
+    commands: usize,
+) -> Result<f64, BoxError> {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut next: BTreeMap<usize, i64> = BTreeMap::new();
+                for c in 0..commands / writers {
+                    let id = format!("raw-w{w}-{}", c % 50);
+                    let seq = next.entry(c % 50).or_insert(0);
+                    let ids: Vec<uuid::Uuid> = (0..per).map(|_| uuid::Uuid::now_v7()).collect();
+                    let seqs: Vec<i64> = (0..per as i64).map(|i| *seq + 1 + i).collect();
+                    *seq += per as i64;
+                    let payloads: Vec<String> =
+                        seqs.iter().map(|s| format!(r#"{{"n":{s},"note":"benchmark payload"}}"#)).collect();
+                    let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+                    sqlx::query(
+                        "INSERT INTO tidings_events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
+                         event_version, recorded_at, payload) \
+                         SELECT e, 'counter', $1, s, 'Recorded', 1, now(), p::jsonb FROM UNNEST($2::uuid[], $3::bigint[], $4::text[]) AS t(e, s, p)",
+                    )
+                    .bind(&id)
+                    .bind(&ids)
+                    .bind(&seqs)
+                    .bind(&payloads)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    sqlx::query(
+                        "INSERT INTO tidings_outbox (lane, topic, message_key, aggregate_type, aggregate_id, sequence, \
+                         event_id, headers, envelope) \
+                         SELECT 0, 'counter', $1, 'counter', $1, s, e, '{}'::jsonb, p FROM UNNEST($2::uuid[], $3::bigint[], $4::text[]) AS t(e, s, p)",
+                    )
+                    .bind(&id)
+                    .bind(&ids)
+                    .bind(&seqs)
+                    .bind(&payloads)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    tx.commit().await.map_err(|e| e.to_string())?;
+                }
+                Ok::<_, String>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok((commands / writers * writers) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn order_envelope(i: usize) -> RawEnvelope {
+    let id = format!("ORD-{i:07}");
+    RawEnvelope {
+        event_type: "OrderCreated".into(),
+        event_version: 2,
+        event_id: uuid::Uuid::now_v7(),
+        timestamp: tidings::now_micros(),
+        aggregate_type: "order".into(),
+        aggregate_id: id.clone(),
+        sequence: 1,
+        correlation_id: None,
+        causation_id: None,
+        metadata: BTreeMap::new(),
+        payload: serde_json::json!({"order_id": id, "user_id": "USR-1", "amount": 1499.99, "currency": "EUR"}),
+    }
+}
+
+/// Fills the outbox with `n` OrderCreated events of `n` orders, as the store writes them.
+async fn fill_outbox(pool: &PgPool, topic: &str, n: usize) -> Result<(), BoxError> {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+        let envelopes: Vec<RawEnvelope> = chunk.iter().map(|i| order_envelope(*i)).collect();
+        let ids: Vec<String> = envelopes.iter().map(|e| e.aggregate_id.clone()).collect();
+        let lanes: Vec<i32> = ids
+            .iter()
+            .map(|id| tidings::store::lane_of("order", id))
+            .collect();
+        let event_ids: Vec<uuid::Uuid> = envelopes.iter().map(|e| e.event_id).collect();
+        let wire: Vec<String> = envelopes.iter().map(RawEnvelope::to_json).collect();
+        sqlx::query(
+            "INSERT INTO tidings_outbox (lane, topic, message_key, aggregate_type, aggregate_id, sequence, event_id, headers, envelope) \
+             SELECT l, $1, i, 'order', i, 1, e, jsonb_build_object('event_type', 'OrderCreated', 'event_version', '2', \
+             'event_id', e::text, 'aggregate_type', 'order'), w FROM UNNEST($2::int[], $3::text[], $4::uuid[], $5::text[]) AS t(l, i, e, w)",
+        )
+        .bind(topic)
+        .bind(&lanes)
+        .bind(&ids)
+        .bind(&event_ids)
+        .bind(&wire)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+fn peak_rss_mb(child: &Child) -> f64 {
+    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn spawn(bin: PathBuf, args: &[&str], prefix: &str) -> Result<Child, BoxError> {
+    Ok(Command::new(bin)
+        .args(args)
+        .env("DATABASE_URL", db_url())
+        .env("KAFKA_BROKERS", tidings_tests::brokers())
+        .env("TIDINGS_TOPIC_PREFIX", prefix)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+async fn wait(
+    what: &str,
+    within: Duration,
+    mut done: impl AsyncFnMut() -> Result<bool, BoxError>,
+) -> Result<Duration, BoxError> {
+    let started = Instant::now();
+    while !done().await? {
+        if started.elapsed() > within {
+            return Err(format!("{what}: not done within {within:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(started.elapsed())
+}
+
+async fn raw_produce(topic: &str, n: usize) -> Result<f64, BoxError> {
+    let producer: FutureProducer = kafka_config()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()?;
+    let payloads: Vec<(String, String)> = (0..n)
+        .map(order_envelope)
+        .map(|e| (e.aggregate_id.clone(), e.to_json()))
+        .collect();
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(n);
+    for (key, value) in &payloads {
+        loop {
+            match producer.send_result(
+                FutureRecord::to(topic)
+                    .key(key.as_str())
+                    .payload(value.as_str()),
+            ) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+    for delivery in pending {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn raw_replay(pool: &PgPool, topic: &str, n: usize) -> Result<f64, BoxError> {
+    pool.execute(
+        "CREATE TABLE order_summary_raw (order_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, amount DOUBLE PRECISION NOT NULL, \
+         currency TEXT NOT NULL, status TEXT NOT NULL, payment_id TEXT, events_applied INTEGER NOT NULL)",
+    )
+    .await?;
+    let consumer: StreamConsumer = kafka_config()
+        .set("group.id", unique("bench_raw"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let started = Instant::now();
+    let mut done = 0;
+    let mut batch = Vec::with_capacity(500);
+    while done < n {
+        let message = tokio::time::timeout(Duration::from_secs(60), consumer.recv()).await??;
+        batch.push(message.detach());
+        while batch.len() < 500 {
+            match tokio::time::timeout(Duration::from_millis(1), consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                _ => break,
+            }
+        }
+        let mut tx = pool.begin().await?;
+        for m in &batch {
+            let envelope = RawEnvelope::from_slice(m.payload().unwrap_or_default())?;
+            sqlx::query(
+                "INSERT INTO order_summary_raw (order_id, user_id, amount, currency, status, events_applied) \
+                 VALUES ($1, $2, $3, $4, 'created', 1)",
+            )
+            .bind(&envelope.aggregate_id)
+            .bind(envelope.payload["user_id"].as_str())
+            .bind(envelope.payload["amount"].as_f64())
+            .bind(envelope.payload["currency"].as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        done += batch.len();
+        batch.clear();
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args = Args::parse();
+    let all = args.which == "all";
+    let pool = fresh_pool().await?;
+    let mut figures: Vec<Figure> = Vec::new();
+
+    if all || args.which == "append" {
+        for writers in [1, 4, 16] {
+            for per in [1, 10] {
+                reset(&pool).await?;
+                let raw = append_raw(&pool, writers, per, args.commands).await?;
+                reset(&pool).await?;
+                let ours = append_tidings(&pool, writers, per, args.commands).await?;
+                figures.push(Figure {
+                    name: format!("append {writers} writers x {per} events/command"),
+                    unit: "commands/s".into(),
+                    tidings: ours,
+                    baseline: Some(raw),
+                });
+                eprintln!("append w={writers} e={per}: {ours:.0} vs raw {raw:.0} commands/s");
+            }
+        }
+    }
+
+    let prefix = format!("{}.", unique("bench"));
+    let topic = format!("{prefix}orders");
+    let needs_topic = all || ["relay", "replay", "e2e"].contains(&args.which.as_str());
+    if needs_topic {
+        reset(&pool).await?;
+        // Raw baseline first, into its own topic with the same partitions.
+        let raw_topic = format!("{prefix}raw");
+        tidings::kafka::ensure_topics(
+            &tidings::kafka::KafkaConfig::new(tidings_tests::brokers()),
+            &[raw_topic.clone(), topic.clone()].into(),
+            &tidings::kafka::TopicSpec::default(),
+        )
+        .await?;
+        let raw = raw_produce(&raw_topic, args.events).await?;
+        fill_outbox(&pool, &topic, args.events).await?;
+        let relay = spawn(tidings_bin(), &["relay"], &prefix)?;
+        let took = wait(
+            "the relay draining the outbox",
+            Duration::from_secs(600),
+            async || Ok(tidings::store::outbox_status(&pool).await?.depth == 0),
+        )
+        .await?;
+        let ours = args.events as f64 / took.as_secs_f64();
+        eprintln!("relay: {ours:.0} vs raw producer {raw:.0} events/s");
+        figures.push(Figure {
+            name: "relay drain".into(),
+            unit: "events/s".into(),
+            tidings: ours,
+            baseline: Some(raw),
+        });
+
+        // Replay: the runner process rebuilds the read model from the topic.
+        let raw_rate = raw_replay(&pool, &topic, args.events).await?;
+        pool.execute(
+            "CREATE TABLE order_summary (order_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, amount DOUBLE PRECISION NOT NULL, \
+             currency TEXT NOT NULL, status TEXT NOT NULL, payment_id TEXT, events_applied INTEGER NOT NULL, \
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())",
+        )
+        .await?;
+        let runner = spawn(example_bin("orders"), &["summary", "run"], &prefix)?;
+        let n = args.events as i64;
+        let took = wait(
+            "the projection replaying the topic",
+            Duration::from_secs(900),
+            async || {
+                let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM order_summary")
+                    .fetch_one(&pool)
+                    .await?;
+                Ok(applied >= n)
+            },
+        )
+        .await?;
+        let ours = args.events as f64 / took.as_secs_f64();
+        eprintln!("replay: {ours:.0} vs raw consumer {raw_rate:.0} events/s");
+        figures.push(Figure {
+            name: "replay".into(),
+            unit: "events/s".into(),
+            tidings: ours,
+            baseline: Some(raw_rate),
+        });
+
+        // End to end at a fixed offered rate, relay and runner as they are.
+        if all || args.which == "e2e" {
+            let store = Store::with_config(
+                pool.clone(),
+                tidings::StoreConfig::default().topic_prefix(&prefix),
+            );
+            let total = (args.rate * args.seconds) as usize;
+            let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+            let started = Instant::now();
+            let mut tasks = Vec::with_capacity(total);
+            let store = Arc::new(store);
+            for i in 0..total {
+                let due = started + interval.mul_f64(i as f64);
+                tokio::time::sleep_until(due.into()).await;
+                let store = Arc::clone(&store);
+                tasks.push(tokio::spawn(async move {
+                    let id = format!("E2E-{i:07}");
+                    let command = tidings_examples::orders::OrderCommand::Create {
+                        order_id: id.clone(),
+                        user_id: "U".into(),
+                        amount: 1.0,
+                        currency: "EUR".into(),
+                    };
+                    store
+                        .execute_with::<tidings_examples::orders::Order>(
+                            &id,
+                            command,
+                            &EventContext::new(),
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }));
+            }
+            for task in tasks {
+                task.await??;
+            }
+            let offered = total as f64 / started.elapsed().as_secs_f64();
+            let expected = n + total as i64;
+            wait(
+                "the end-to-end run settling",
+                Duration::from_secs(120),
+                async || {
+                    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM order_summary")
+                        .fetch_one(&pool)
+                        .await?;
+                    Ok(applied >= expected)
+                },
+            )
+            .await?;
+            let (p50, p95, p99): (f64, f64, f64) = sqlx::query_as(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.95) WITHIN GROUP (ORDER BY ms), \
+                 percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) FROM ( \
+                 SELECT EXTRACT(EPOCH FROM s.applied_at - e.recorded_at) * 1000 AS ms \
+                 FROM order_summary s JOIN tidings_events e ON e.aggregate_id = s.order_id AND e.sequence = 1 \
+                 WHERE s.order_id LIKE 'E2E-%') l",
+            )
+            .fetch_one(&pool)
+            .await?;
+            eprintln!(
+                "e2e at {offered:.0} commands/s: p50 {p50:.1} ms, p95 {p95:.1} ms, p99 {p99:.1} ms"
+            );
+            for (name, v) in [("p50", p50), ("p95", p95), ("p99", p99)] {
+                figures.push(Figure {
+                    name: format!("end to end {name} at {offered:.0} commands/s"),
+                    unit: "ms".into(),
+                    tidings: v,
+                    baseline: None,
+                });
+            }
+        }
+        figures.push(Figure {
+            name: "relay peak RSS".into(),
+            unit: "MB".into(),
+            tidings: peak_rss_mb(&relay),
+            baseline: None,
+        });
+        figures.push(Figure {
+            name: "runner peak RSS".into(),
+            unit: "MB".into(),
+            tidings: peak_rss_mb(&runner),
+            baseline: None,
+        });
+        stop(relay);
+        stop(runner);
+    }
+
+    println!("| figure | tidings | raw baseline | ratio |");
+    println!("|---|---|---|---|");
+    for f in &figures {
+        let baseline = f
+            .baseline
+            .map_or("-".into(), |b| format!("{b:.0} {}", f.unit));
+        let ratio = f.ratio().map_or("-".into(), |r| format!("{r:.2}"));
+        let value = if f.unit == "ms" || f.unit == "MB" {
+            format!("{:.1} {}", f.tidings, f.unit)
+        } else {
+            format!("{:.0} {}", f.tidings, f.unit)
+        };
+        println!("| {} | {value} | {baseline} | {ratio} |", f.name);
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&figures)?)?;
+    println!(
+        "\n{} figures written to {}",
+        figures.len(),
+        args.json.display()
+    );
+    drop(pool);
+    let server: PgConnectOptions = database_url().parse()?;
+    let mut admin = server.connect().await?;
+    admin
+        .execute("DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)")
+        .await?;
+    Ok(())
+}
