@@ -64,11 +64,13 @@ async fn run(cli: Cli) -> tidings::Result<()> {
                 .await
                 .map_err(|e| Error::Config(format!("creating the order_summary table: {e}")))?;
             let command = match command {
-                ProjectionCommand::Run { topic_prefix } if topic_prefix.is_empty() => {
-                    ProjectionCommand::Run {
-                        topic_prefix: cli.topic_prefix,
-                    }
-                }
+                ProjectionCommand::Run {
+                    topic_prefix,
+                    metrics_addr,
+                } if topic_prefix.is_empty() => ProjectionCommand::Run {
+                    topic_prefix: cli.topic_prefix,
+                    metrics_addr,
+                },
                 other => other,
             };
             command.run(&cli.global, summary).await

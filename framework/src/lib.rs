@@ -35,6 +35,8 @@ mod error;
 mod event;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "kafka")]
+pub mod metrics;
 mod names;
 #[cfg(feature = "kafka")]
 pub mod projection;
@@ -58,7 +60,7 @@ pub use schema::EventSchema;
 pub use tidings_macros::Event;
 
 #[cfg(feature = "postgres")]
-pub use store::{Committed, ExecuteError, Loaded, Store, StoreConfig};
+pub use store::{Committed, ExecuteError, Loaded, Store, StoreConfig, StoreStats};
 
 #[cfg(feature = "postgres")]
 /// The database migrations of tidings, embedded once.

@@ -99,6 +99,9 @@ pub enum ProjectionCommand {
         /// Prefix of the topics read (as the store's topic prefix).
         #[arg(long, env = "TIDINGS_TOPIC_PREFIX", default_value = "")]
         topic_prefix: String,
+        /// Serve /metrics, /health and /ready on this address.
+        #[arg(long, env = "TIDINGS_METRICS_ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Rebuild the read model from the beginning of the topics (running
     /// instances pick the new generation up by themselves).
@@ -116,12 +119,22 @@ impl ProjectionCommand {
     ) -> Result<()> {
         let pool = global.pool().await?;
         match self {
-            ProjectionCommand::Run { topic_prefix } => {
-                let config = crate::projection::RunnerConfig::new(global.kafka()?)
-                    .topic_prefix(topic_prefix);
-                crate::projection::Runner::new(pool, projection, config)?
-                    .run(shutdown_signal())
-                    .await
+            ProjectionCommand::Run {
+                topic_prefix,
+                metrics_addr,
+            } => {
+                let kafka = global.kafka()?;
+                let name = projection.name().to_owned();
+                let config =
+                    crate::projection::RunnerConfig::new(kafka.clone()).topic_prefix(topic_prefix);
+                let runner = crate::projection::Runner::new(pool.clone(), projection, config)?;
+                if let Some(addr) = metrics_addr {
+                    let metrics = crate::metrics::Metrics::new(pool, Some(kafka));
+                    metrics.runner(&name, runner.topics(), runner.stats());
+                    let bound = crate::metrics::serve(addr, metrics, shutdown_signal()).await?;
+                    tracing::info!(%bound, "serving /metrics, /health and /ready");
+                }
+                runner.run(shutdown_signal()).await
             }
             ProjectionCommand::Replay => {
                 let generation = crate::projection::replay(&pool, &projection).await?;
@@ -161,6 +174,9 @@ pub struct RelayArgs {
     /// Seconds a message may take to be acknowledged before it is retried.
     #[arg(long, env = "TIDINGS_DELIVERY_TIMEOUT_SECS", default_value_t = 30)]
     pub delivery_timeout_secs: u64,
+    /// Serve /metrics, /health and /ready on this address (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "TIDINGS_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// `tidings outbox …`.
@@ -309,7 +325,14 @@ impl Command {
                     })
                 };
                 tracing::info!(brokers = %config.kafka.brokers, "relay starting");
-                Relay::new(pool, config)?.run(shutdown_signal()).await
+                let relay = Relay::new(pool.clone(), config)?;
+                if let Some(addr) = args.metrics_addr {
+                    let metrics = crate::metrics::Metrics::new(pool, None);
+                    metrics.relay(relay.stats());
+                    let bound = crate::metrics::serve(addr, metrics, shutdown_signal()).await?;
+                    tracing::info!(%bound, "serving /metrics, /health and /ready");
+                }
+                relay.run(shutdown_signal()).await
             }
             Command::Outbox(OutboxCommand::Status { json }) => {
                 let pool = global.pool().await?;

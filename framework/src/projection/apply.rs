@@ -217,7 +217,17 @@ pub(crate) async fn apply_batch<P: Projection>(
             blocked.insert(stream.clone());
             continue;
         }
-        match projection.apply(&mut tx, envelope).await {
+        let span = tracing::debug_span!(
+            "tidings.projection.apply",
+            projection = name,
+            event_id = %envelope.event_id,
+            event_type = envelope.event_type,
+            aggregate_id = envelope.aggregate_id,
+            sequence = envelope.sequence,
+            correlation_id = envelope.correlation_id.as_deref(),
+            causation_id = envelope.causation_id.as_deref()
+        );
+        match tracing::Instrument::instrument(projection.apply(&mut tx, envelope), span).await {
             Ok(()) => {
                 outcome.applied += 1;
                 last_sequence.insert(stream.clone(), sequence);

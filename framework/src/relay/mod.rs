@@ -131,6 +131,11 @@ pub struct RelayStats {
     pub errors: AtomicU64,
     /// Lanes owned now.
     pub lanes: AtomicU64,
+    /// Rows read in batches (with `batches`, the mean batch size).
+    pub batch_rows: AtomicU64,
+    /// Microseconds from reading batches to deleting them (with `batches`,
+    /// the mean batch latency).
+    pub batch_micros: AtomicU64,
 }
 
 /// One outbox row, as the relay reads it.
@@ -260,7 +265,7 @@ impl Relay {
 
             let result = tokio::select! {
                 biased;
-                result = self.relay_batch() => result,
+                result = tracing::Instrument::instrument(self.relay_batch(), tracing::debug_span!("tidings.relay.batch")) => result,
                 () = &mut shutdown => continue,
             };
             match result {
@@ -360,6 +365,7 @@ impl Relay {
         if rows.is_empty() {
             return Ok(BatchOutcome::default());
         }
+        let started = Instant::now();
         self.ensure_topics(&rows).await?;
 
         // Enqueue in id order; a queue-full producer is drained, never skipped.
@@ -439,6 +445,12 @@ impl Relay {
             .failed
             .fetch_add(failed as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .batch_rows
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        self.stats
+            .batch_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(BatchOutcome {
             rows: rows.len(),
             failed,

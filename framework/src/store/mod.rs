@@ -121,32 +121,64 @@ pub enum ExecuteError<E> {
     Store(#[from] Error),
 }
 
+/// Counters of a store, shared by its clones.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Commands that appended events (with `execute_in`, counted when the
+    /// events are written: the caller may still roll back).
+    pub commands: std::sync::atomic::AtomicU64,
+    /// Events appended.
+    pub events_appended: std::sync::atomic::AtomicU64,
+    /// Concurrency conflicts met (retried, or returned once retries ran out).
+    pub conflicts: std::sync::atomic::AtomicU64,
+}
+
 /// The event store on PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
     config: StoreConfig,
+    stats: std::sync::Arc<StoreStats>,
 }
 
 impl Store {
     /// A store on `pool` with the default [`StoreConfig`]. The database must
     /// have the tidings migrations ([`crate::MIGRATOR`]).
     pub fn new(pool: PgPool) -> Self {
-        Store {
-            pool,
-            config: StoreConfig::default(),
-        }
+        Store::with_config(pool, StoreConfig::default())
     }
 
     /// A store with a custom configuration.
     pub fn with_config(pool: PgPool, config: StoreConfig) -> Self {
-        Store { pool, config }
+        Store {
+            pool,
+            config,
+            stats: std::sync::Arc::default(),
+        }
     }
 
     /// The topic the events of `A` go to (the configured prefix, then
     /// [`Aggregate::topic`]).
     pub fn topic_of<A: Aggregate>(&self) -> String {
         format!("{}{}", self.config.topic_prefix, A::topic())
+    }
+
+    /// The store's counters (for metrics).
+    pub fn stats(&self) -> std::sync::Arc<StoreStats> {
+        std::sync::Arc::clone(&self.stats)
+    }
+
+    fn count(&self, committed: &Committed<impl Aggregate>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !committed.envelopes.is_empty() {
+            self.stats.commands.fetch_add(1, Relaxed);
+            self.stats
+                .events_appended
+                .fetch_add(committed.envelopes.len() as u64, Relaxed);
+        }
+        self.stats
+            .conflicts
+            .fetch_add(u64::from(committed.retries), Relaxed);
     }
 
     /// The pool the store uses.
@@ -167,6 +199,7 @@ impl Store {
 
     /// Runs a command: load, handle, append and commit in one transaction,
     /// retrying concurrency conflicts with jittered backoff.
+    #[tracing::instrument(name = "tidings.execute", skip_all, fields(aggregate_type = A::TYPE, aggregate_id = id))]
     pub async fn execute<A: Aggregate>(
         &self,
         id: &str,
@@ -180,6 +213,16 @@ impl Store {
     }
 
     /// [`Store::execute`] with correlation, causation and metadata for the events.
+    #[tracing::instrument(
+        name = "tidings.execute",
+        skip_all,
+        fields(
+            aggregate_type = A::TYPE,
+            aggregate_id = id,
+            correlation_id = context.correlation_id.as_deref(),
+            causation_id = context.causation_id.as_deref()
+        )
+    )]
     pub async fn execute_with<A: Aggregate>(
         &self,
         id: &str,
@@ -206,6 +249,7 @@ impl Store {
                         A::TYPE
                     )))?;
                     committed.retries = attempt;
+                    self.count(&committed);
                     return Ok(committed);
                 }
                 Err(ExecuteError::Store(Error::Conflict { .. }))
@@ -229,6 +273,16 @@ impl Store {
     ///
     /// Conflicts are retried inside a savepoint, so the caller's earlier
     /// writes in the transaction are kept.
+    #[tracing::instrument(
+        name = "tidings.execute_in",
+        skip_all,
+        fields(
+            aggregate_type = A::TYPE,
+            aggregate_id = id,
+            correlation_id = context.correlation_id.as_deref(),
+            causation_id = context.causation_id.as_deref()
+        )
+    )]
     pub async fn execute_in<A: Aggregate>(
         &self,
         conn: &mut PgConnection,

@@ -1,0 +1,170 @@
+//! Metrics, health and readiness, scraped over HTTP while events flow
+//! through the real services.
+
+use std::time::{Duration, Instant};
+
+use tidings::kafka::KafkaConfig;
+use tidings::metrics::{Metrics, serve};
+use tidings::projection::{Runner, RunnerConfig};
+use tidings::relay::{Relay, RelayConfig};
+use tidings_examples::orders::{Order, OrderCommand};
+use tidings_examples::summary::OrderSummary;
+use tidings_tests::{TestDb, brokers, prefixed_store};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one series (name with labels, exactly as rendered).
+fn value(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .unwrap_or_else(|| panic!("series {series} missing in:\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_named_series_move_as_events_flow() {
+    let db = TestDb::new().await;
+    let store = prefixed_store(&db);
+    let prefix = store
+        .topic_of::<Order>()
+        .trim_end_matches("orders")
+        .to_owned();
+    let summary = OrderSummary::default();
+    summary.create_table(&db.pool).await.unwrap();
+    let kafka = KafkaConfig::new(brokers());
+    let relay = Relay::new(db.pool.clone(), RelayConfig::new(kafka.clone())).unwrap();
+    let runner = Runner::new(
+        db.pool.clone(),
+        summary,
+        RunnerConfig::new(kafka.clone()).topic_prefix(&prefix),
+    )
+    .unwrap();
+    let metrics = Metrics::new(db.pool.clone(), Some(kafka));
+    metrics.store(store.stats()).relay(relay.stats()).runner(
+        "order_summary",
+        runner.topics(),
+        runner.stats(),
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let addr = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        metrics,
+        until(stopped.clone()),
+    )
+    .await
+    .unwrap();
+
+    let (status, before) = get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(value(&before, "tidings_events_appended_total"), 0.0);
+    assert!(before.contains("# TYPE tidings_outbox_depth gauge"));
+
+    for i in 0..5 {
+        let id = format!("ORD-{i}");
+        let create = OrderCommand::Create {
+            order_id: id.clone(),
+            user_id: "U".into(),
+            amount: 3.0,
+            currency: "EUR".into(),
+        };
+        store.execute::<Order>(&id, create).await.unwrap();
+    }
+    let (_, queued) = get(addr, "/metrics").await;
+    assert_eq!(value(&queued, "tidings_events_appended_total"), 5.0);
+    assert_eq!(value(&queued, "tidings_outbox_depth"), 5.0);
+    assert!(value(&queued, "tidings_outbox_oldest_age_seconds") >= 0.0);
+
+    let relay_task = tokio::spawn(relay.run(until(stopped.clone())));
+    let runner_task = tokio::spawn(runner.run(until(stopped.clone())));
+    let started = Instant::now();
+    let after = loop {
+        let (_, body) = get(addr, "/metrics").await;
+        if value(
+            &body,
+            "tidings_projection_applied_total{projection=\"order_summary\"}",
+        ) >= 5.0
+        {
+            break body;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "events did not flow:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(value(&after, "tidings_relay_published_total"), 5.0);
+    assert!(value(&after, "tidings_relay_batches_total") >= 1.0);
+    assert_eq!(value(&after, "tidings_outbox_depth"), 0.0);
+    assert!(
+        after.contains("tidings_projection_lag{projection=\"order_summary\""),
+        "{after}"
+    );
+    assert_eq!(
+        value(
+            &after,
+            "tidings_projection_dead_lettered_total{projection=\"order_summary\"}"
+        ),
+        0.0
+    );
+
+    assert_eq!(get(addr, "/health").await.0, 200);
+    assert_eq!(get(addr, "/ready").await.0, 200);
+    assert_eq!(get(addr, "/nothing").await.0, 404);
+    stop.send(true).unwrap();
+    relay_task.await.unwrap().unwrap();
+    runner_task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_relay_binary_serves_health_and_metrics() {
+    let db = TestDb::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(tidings_tests::tidings_bin())
+        .args(["relay", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", db.url())
+        .env("KAFKA_BROKERS", brokers())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the metrics endpoint did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(addr, "/health").await.0, 200);
+    assert_eq!(get(addr, "/ready").await.0, 200);
+    let (_, body) = get(addr, "/metrics").await;
+    assert!(body.contains("tidings_relay_published_total 0"), "{body}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
