@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+pub mod pipeline;
+
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;

@@ -150,7 +150,13 @@ pub(crate) async fn apply_batch<P: Projection>(
                         Err(e) => (stream, Decoded::Poison(e.to_string(), sequence)),
                     }
                 }
-                Err(e) => (stream_of(m), Decoded::Poison(e.to_string(), None)),
+                Err(e) => {
+                    let reason = poison
+                        .get(&m.offset)
+                        .cloned()
+                        .unwrap_or_else(|| e.to_string());
+                    (stream_of(m), Decoded::Poison(reason, None))
+                }
             }
         })
         .collect();

@@ -37,6 +37,8 @@ pub struct RunnerConfig {
     pub generation_check: Duration,
     /// How missing topics (read, and the dead letter topic) are created.
     pub dead_letter_topic_spec: TopicSpec,
+    /// Messages larger than this are dead-lettered unread (default 1 MiB).
+    pub max_message_bytes: usize,
 }
 
 impl RunnerConfig {
@@ -50,6 +52,7 @@ impl RunnerConfig {
             max_backoff: Duration::from_secs(30),
             generation_check: Duration::from_secs(1),
             dead_letter_topic_spec: TopicSpec::default(),
+            max_message_bytes: 1 << 20,
         }
     }
 
@@ -62,6 +65,12 @@ impl RunnerConfig {
     /// Sets [`RunnerConfig::batch_size`].
     pub fn batch_size(mut self, size: usize) -> Self {
         self.batch_size = size.max(1);
+        self
+    }
+
+    /// Sets [`RunnerConfig::max_message_bytes`].
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
         self
     }
 
@@ -204,9 +213,13 @@ impl<P: Projection> Runner<P> {
         loop {
             let setup = async {
                 let generation = status::register(&self.pool, &name).await?;
+                // The topics read are created if missing (as the relay would),
+                // so that the subscription sees them at once.
+                let mut topics: BTreeSet<String> = self.topics().into_iter().collect();
+                topics.insert(dlq.clone());
                 ensure_topics(
                     &self.config.kafka,
-                    &BTreeSet::from([dlq.clone()]),
+                    &topics,
                     &self.config.dead_letter_topic_spec,
                 )
                 .await?;
@@ -436,6 +449,17 @@ async fn partition_worker<P: Projection>(
         let mut poison: HashMap<i64, String> = HashMap::new();
         let mut failures = 0u32;
         loop {
+            for message in &batch {
+                let size = message.value.as_ref().map_or(0, Vec::len);
+                if size > config.max_message_bytes {
+                    poison.entry(message.offset).or_insert_with(|| {
+                        format!(
+                            "message of {size} bytes exceeds the limit of {} bytes",
+                            config.max_message_bytes
+                        )
+                    });
+                }
+            }
             match apply_batch(
                 &pool,
                 projection.as_ref(),

@@ -189,6 +189,10 @@ fn producer(config: &RelayConfig) -> Result<FutureProducer> {
     client
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        // A failure that could leave a gap (a later message of the partition
+        // delivered after an earlier one failed) stops the producer instead;
+        // the relay then starts a fresh one and retries from the failed row.
+        .set("enable.gapless.guarantee", "true")
         .set(
             "message.timeout.ms",
             config.delivery_timeout.as_millis().to_string(),

@@ -310,6 +310,7 @@ impl Store {
                         .await
                         .map_err(Error::db("releasing a savepoint"))?;
                     committed.retries = attempt;
+                    self.count(&committed);
                     return Ok(committed);
                 }
                 Err(ExecuteError::Store(Error::Conflict { .. }))
