@@ -5,10 +5,14 @@
 //!
 //! Shows how a service embeds every generic `tidings` command (`migrate`,
 //! `relay`, `outbox status`, …) next to the commands that need its own code:
-//! running, replaying and re-driving its projection, and issuing commands.
+//! running, replaying and re-driving its projection, exporting and checking
+//! its event schemas, and issuing commands.
 
 use clap::{Parser, Subcommand};
-use tidings::cli::{Command, GlobalArgs, ProjectionCommand, exit_code, init_logging};
+use tidings::Event as _;
+use tidings::cli::{
+    Command, GlobalArgs, ProjectionCommand, SchemaCommand, exit_code, init_logging,
+};
 use tidings::{Error, ExecuteError, Store, StoreConfig};
 use tidings_examples::orders::{Order, OrderCommand};
 use tidings_examples::summary::OrderSummary;
@@ -33,6 +37,9 @@ enum Cmd {
     /// The order summary projection: run, replay, redrive.
     #[command(subcommand)]
     Summary(ProjectionCommand),
+    /// The order events' JSON Schemas: export, check against the lock.
+    #[command(subcommand)]
+    Schema(SchemaCommand),
     /// Place an order.
     Create {
         /// Order id.
@@ -56,6 +63,7 @@ enum Cmd {
 async fn run(cli: Cli) -> tidings::Result<()> {
     match cli.command {
         Cmd::Tidings(command) => command.run(&cli.global).await,
+        Cmd::Schema(command) => command.run(&tidings_examples::orders::OrderEvent::schemas()),
         Cmd::Summary(command) => {
             let summary = OrderSummary::default();
             let pool = cli.global.pool().await?;

@@ -73,6 +73,9 @@ pub enum Error {
     /// A setting or a name is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Event schemas differ from the committed lock.
+    #[error("{0}")]
+    SchemaMismatch(String),
     /// The tidings tables are missing: run `tidings migrate`.
     #[error(
         "the tidings tables are missing in this database: run `tidings migrate` (or tidings::MIGRATOR) first"

@@ -13,7 +13,10 @@ fn v1(mut payload: Value) -> Result<Value, UpcastError> {
 }
 
 fn v2(payload: Value) -> Result<Value, UpcastError> {
-    let amount = payload.get("amount").and_then(Value::as_f64).ok_or_else(|| UpcastError::missing_field("amount"))?;
+    let amount = payload
+        .get("amount")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| UpcastError::missing_field("amount"))?;
     let mut payload = payload;
     payload["amount_cents"] = json!((amount * 100.0).round() as i64);
     Ok(payload)
@@ -22,8 +25,14 @@ fn v2(payload: Value) -> Result<Value, UpcastError> {
 #[derive(Debug, Clone, PartialEq, Event)]
 enum OrderEvent {
     #[event(version = 3, upcast(from = 1, json = v1), upcast(from = 2, json = v2))]
-    OrderCreated { order_id: String, amount_cents: i64, currency: String },
-    Cancelled { reason: Option<String> },
+    OrderCreated {
+        order_id: String,
+        amount_cents: i64,
+        currency: String,
+    },
+    Cancelled {
+        reason: Option<String>,
+    },
 }
 
 fn json_value() -> impl Strategy<Value = Value> {
@@ -31,7 +40,9 @@ fn json_value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
         ".{0,20}".prop_map(Value::String),
     ];
     leaf.prop_recursive(4, 64, 8, |inner| {

@@ -130,6 +130,13 @@ async fn commands_work_against_the_real_services_with_reliable_exit_codes() {
         ("OrderCreated", 1)
     );
 
+    let out = tidings(&["projections", "status"]);
+    assert!(
+        out.status.success() && text(&out).contains("no projection has run"),
+        "{}",
+        text(&out)
+    );
+
     let out = tidings(&["dlq", "list"]);
     assert!(
         out.status.success() && text(&out).contains("no parked events"),
@@ -186,4 +193,45 @@ fn the_benchmark_program_runs_at_a_tiny_size() {
         text(&output)
     );
     std::fs::remove_file(json).ok();
+}
+
+#[test]
+fn schema_commands_export_and_check_against_the_lock() {
+    let dir = std::env::temp_dir().join(unique("schemas"));
+    let out = Command::new(example_bin("orders"))
+        .args(["schema", "export", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let schema: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("OrderCreated.v2.json")).unwrap()).unwrap();
+    assert_eq!(schema["title"], "OrderCreated");
+
+    let lock = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/events.lock");
+    let out = Command::new(example_bin("orders"))
+        .args(["schema", "check", "--lock", lock])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A lock recorded for another shape: exit 1, naming the event.
+    let tampered = dir.join("events.lock");
+    let text_lock = std::fs::read_to_string(lock)
+        .unwrap()
+        .replace("OrderCreated v2 a", "OrderCreated v2 b");
+    std::fs::write(&tampered, text_lock).unwrap();
+    let out = Command::new(example_bin("orders"))
+        .args(["schema", "check", "--lock"])
+        .arg(&tampered)
+        .env_remove("TIDINGS_BLESS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("`OrderCreated` v2 changed shape without a version bump"),
+        "{}",
+        text(&out)
+    );
+    std::fs::remove_dir_all(dir).ok();
 }

@@ -89,6 +89,50 @@ pub enum DlqCommand {
     },
 }
 
+/// Schema commands, which need the user's event types: offer them from
+/// your own binary with `#[command(subcommand)] Schema(SchemaCommand)` and
+/// [`SchemaCommand::run`].
+#[derive(Debug, Clone, Subcommand)]
+pub enum SchemaCommand {
+    /// Write the JSON Schema of every event type and version as `<type>.v<version>.json`.
+    Export {
+        /// The folder to write into (created if missing).
+        #[arg(long, default_value = "schemas")]
+        dir: std::path::PathBuf,
+    },
+    /// Compare the schemas with the committed lock file; exit 1 naming each
+    /// event whose shape changed without a version bump (`TIDINGS_BLESS=1` rewrites the lock).
+    Check {
+        /// The lock file.
+        #[arg(long, default_value = "events.lock")]
+        lock: std::path::PathBuf,
+    },
+}
+
+impl SchemaCommand {
+    /// Runs the command over `schemas` (e.g. `OrderEvent::schemas()`, several enums chained).
+    pub fn run(self, schemas: &[crate::EventSchema]) -> Result<()> {
+        match self {
+            SchemaCommand::Export { dir } => {
+                let written = crate::schema::export_schemas(schemas, &dir).map_err(|e| {
+                    Error::Config(format!("exporting schemas to {}: {e}", dir.display()))
+                })?;
+                for path in written {
+                    println!("{}", path.display());
+                }
+                Ok(())
+            }
+            SchemaCommand::Check { lock } => match crate::schema::check_lock(schemas, &lock) {
+                Ok(()) => {
+                    println!("{} schemas match {}", schemas.len(), lock.display());
+                    Ok(())
+                }
+                Err(mismatch) => Err(Error::SchemaMismatch(mismatch.to_string())),
+            },
+        }
+    }
+}
+
 /// Commands that need the user's projection code: offer them from your own
 /// binary with `#[command(subcommand)] Projection(ProjectionCommand)` and
 /// [`ProjectionCommand::run`].
@@ -160,7 +204,7 @@ impl ProjectionCommand {
 #[derive(Debug, Clone, Args)]
 pub struct RelayArgs {
     /// Rows per batch.
-    #[arg(long, env = "TIDINGS_RELAY_BATCH_SIZE", default_value_t = 1000)]
+    #[arg(long, env = "TIDINGS_RELAY_BATCH_SIZE", default_value_t = 5000)]
     pub batch_size: i64,
     /// Partitions of topics the relay creates.
     #[arg(long, env = "TIDINGS_TOPIC_PARTITIONS", default_value_t = 6)]

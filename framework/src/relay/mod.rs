@@ -64,7 +64,7 @@ pub const OUTBOX_CHANNEL: &str = "tidings_outbox";
 pub struct RelayConfig {
     /// The brokers and any librdkafka property.
     pub kafka: KafkaConfig,
-    /// Rows per batch (default 1000).
+    /// Rows per batch (default 5000).
     pub batch_size: i64,
     /// Fallback poll when no notification arrives (default 1 s).
     pub poll_interval: Duration,
@@ -84,7 +84,7 @@ impl RelayConfig {
     pub fn new(kafka: KafkaConfig) -> Self {
         RelayConfig {
             kafka,
-            batch_size: 1000,
+            batch_size: 5000,
             poll_interval: Duration::from_secs(1),
             delivery_timeout: Duration::from_secs(30),
             rebalance_interval: Duration::from_secs(1),
