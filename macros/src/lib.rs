@@ -6,9 +6,9 @@
 //! upcasters that bring older versions to the current one. Mistakes are
 //! compile errors pointing at the attribute at fault.
 //!
-//! Stages: [`attr`] reads the attributes, [`ast`] builds a typed view of the
-//! enum, [`valid`] checks rules across variants, [`expand`] writes the code
-//! and [`fallback`] stands in when there is an error, so that the user sees
+//! Stages: `attr` reads the attributes, `ast` builds a typed view of the
+//! enum, `valid` checks rules across variants, `expand` writes the code
+//! and `fallback` stands in when there is an error, so that the user sees
 //! the one real error rather than a cascade.
 
 mod ast;
