@@ -15,7 +15,11 @@
 //!   reads the visible rows of its lanes in id order, produces them in that
 //!   order, waits for every delivery report and deletes exactly the rows
 //!   acknowledged, keeping a failed row *and every later row of its
-//!   aggregate*, which are retried after a backoff in the same order.
+//!   aggregate*, which are retried after a backoff in the same order. Under
+//!   load the next batch (which leaves out the rows in flight) is read and
+//!   enqueued while the previous one awaits its reports; a failure in either
+//!   keeps the failed aggregate's rows of both, and the idempotent producer's
+//!   gapless guarantee stops delivery after a failed message of a partition.
 //! - **Late commits are never skipped.** There is no cursor: every poll reads
 //!   whatever rows are in the outbox now, so a row with a lower id that
 //!   becomes visible after higher ones is simply published on the next poll.
@@ -159,6 +163,17 @@ pub struct Relay {
     lanes: Lanes,
     known_topics: HashSet<String>,
     stats: Arc<RelayStats>,
+    /// The batch handed to the producer and not settled yet.
+    in_flight: Option<InFlight>,
+    /// Aggregates with a failed delivery in the batches being settled.
+    blocked: HashSet<(String, String)>,
+}
+
+/// A batch handed to the producer, awaiting its delivery reports.
+struct InFlight {
+    rows: Vec<Row>,
+    deliveries: Vec<Pending>,
+    started: Instant,
 }
 
 impl std::fmt::Debug for Relay {
@@ -218,6 +233,8 @@ impl Relay {
             lanes,
             known_topics: HashSet::new(),
             stats: Arc::new(RelayStats::default()),
+            in_flight: None,
+            blocked: HashSet::new(),
         })
     }
 
@@ -243,6 +260,11 @@ impl Relay {
         let mut last_rebalance: Option<Instant> = None;
         let mut failures: u32 = 0;
         loop {
+            // Between batches, see whether shutdown was asked for (a batch
+            // in progress is never cancelled half-way).
+            if !*stop.borrow() {
+                let _ = futures::FutureExt::now_or_never(shutdown.as_mut());
+            }
             if *stop.borrow() {
                 break;
             }
@@ -267,11 +289,11 @@ impl Relay {
                 listener = self.listen().await;
             }
 
-            let result = tokio::select! {
-                biased;
-                result = tracing::Instrument::instrument(self.relay_batch(), tracing::debug_span!("tidings.relay.batch")) => result,
-                () = &mut shutdown => continue,
-            };
+            let result = tracing::Instrument::instrument(
+                self.relay_batch(),
+                tracing::debug_span!("tidings.relay.batch"),
+            )
+            .await;
             match result {
                 Ok(outcome) => {
                     if outcome.failed > 0 {
@@ -312,6 +334,11 @@ impl Relay {
     }
 
     async fn finish(&mut self) {
+        if let Some(batch) = self.in_flight.take()
+            && let Err(error) = self.settle(batch).await
+        {
+            tracing::warn!(%error, "relay: settling the last batch; its rows will be published again");
+        }
         let _ = self.producer.flush(Duration::from_secs(10));
         self.lanes.release().await;
         tracing::info!(
@@ -350,29 +377,71 @@ impl Relay {
         Some(listener)
     }
 
-    /// Publishes one batch of the owned lanes, in id order, and deletes what
-    /// was acknowledged.
+    /// One step: reads the next batch of the owned lanes in id order
+    /// (leaving out the batch in flight), enqueues it, then settles the
+    /// batch that was in flight. Under load one batch stays in flight while
+    /// the next is read and enqueued (the producer keeps their order); a
+    /// batch that is not full, or any failure, settles everything at once.
     async fn relay_batch(&mut self) -> Result<BatchOutcome> {
         let lanes = self.lanes.owned();
-        if lanes.is_empty() {
-            return Ok(BatchOutcome::default());
+        let rows: Vec<Row> = if lanes.is_empty() {
+            Vec::new()
+        } else {
+            let in_flight: Vec<i64> = self
+                .in_flight
+                .as_ref()
+                .map(|b| b.rows.iter().map(|r| r.id).collect())
+                .unwrap_or_default();
+            sqlx::query_as(
+                "SELECT id, topic, message_key, aggregate_type, aggregate_id, headers, envelope \
+                 FROM tidings_outbox WHERE lane = ANY($1) AND NOT (id = ANY($3)) ORDER BY id LIMIT $2",
+            )
+            .bind(&lanes)
+            .bind(self.config.batch_size)
+            .bind(&in_flight)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::db("reading the outbox"))?
+        };
+        let fetched = rows.len();
+        let full = fetched as i64 == self.config.batch_size;
+        let previous = self.in_flight.take();
+        if !rows.is_empty() {
+            self.ensure_topics(&rows).await?;
+            self.in_flight = Some(self.enqueue(rows).await);
         }
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT id, topic, message_key, aggregate_type, aggregate_id, headers, envelope \
-             FROM tidings_outbox WHERE lane = ANY($1) ORDER BY id LIMIT $2",
-        )
-        .bind(&lanes)
-        .bind(self.config.batch_size)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::db("reading the outbox"))?;
-        if rows.is_empty() {
-            return Ok(BatchOutcome::default());
+        let mut failed = 0;
+        if let Some(previous) = previous {
+            failed += self.settle(previous).await?;
         }
-        let started = Instant::now();
-        self.ensure_topics(&rows).await?;
+        if (!full || failed > 0)
+            && let Some(batch) = self.in_flight.take()
+        {
+            failed += self.settle(batch).await?;
+        }
+        if self.in_flight.is_none() {
+            self.blocked.clear();
+        }
+        if failed > 0
+            && let Some((code, reason)) = self.producer.client().fatal_error()
+        {
+            tracing::warn!(
+                ?code,
+                reason,
+                "relay: the producer stopped on a fatal error; starting a fresh one"
+            );
+            self.producer = producer(&self.config)?;
+        }
+        Ok(BatchOutcome {
+            rows: fetched,
+            failed,
+        })
+    }
 
-        // Enqueue in id order; a queue-full producer is drained, never skipped.
+    /// Hands rows to the producer in id order; a full producer queue is
+    /// waited out, never skipped.
+    async fn enqueue(&self, rows: Vec<Row>) -> InFlight {
+        let started = Instant::now();
         let mut deliveries = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut headers = OwnedHeaders::new_with_capacity(row.headers.len());
@@ -403,16 +472,24 @@ impl Relay {
                 }
             }
         }
+        InFlight {
+            rows,
+            deliveries,
+            started,
+        }
+    }
 
-        // Wait for every report, then keep each failed row and everything
-        // after it of the same aggregate.
-        let reports = futures::future::join_all(deliveries.into_iter().map(Pending::report)).await;
-        let mut blocked: HashSet<(&str, &str)> = HashSet::new();
-        let mut acknowledged = Vec::with_capacity(rows.len());
+    /// Waits for every report of a batch, then deletes the acknowledged rows,
+    /// keeping each failed row and every later row of its aggregate, in this
+    /// batch and in the one after it. Returns the number of failed deliveries.
+    async fn settle(&mut self, batch: InFlight) -> Result<usize> {
+        let reports =
+            futures::future::join_all(batch.deliveries.into_iter().map(Pending::report)).await;
+        let mut acknowledged = Vec::with_capacity(batch.rows.len());
         let mut failed = 0usize;
-        for (row, report) in rows.iter().zip(reports) {
-            let stream = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
-            if report.is_ok() && !blocked.contains(&stream) {
+        for (row, report) in batch.rows.iter().zip(reports) {
+            let stream = (row.aggregate_type.clone(), row.aggregate_id.clone());
+            if report.is_ok() && !self.blocked.contains(&stream) {
                 acknowledged.push(row.id);
             } else {
                 if let Err(why) = report {
@@ -426,21 +503,11 @@ impl Relay {
                         );
                     }
                 }
-                blocked.insert(stream);
+                self.blocked.insert(stream);
             }
         }
         if !acknowledged.is_empty() {
             delete_rows(&self.pool, &acknowledged).await?;
-        }
-        if failed > 0
-            && let Some((code, reason)) = self.producer.client().fatal_error()
-        {
-            tracing::warn!(
-                ?code,
-                reason,
-                "relay: the producer stopped on a fatal error; starting a fresh one"
-            );
-            self.producer = producer(&self.config)?;
         }
         self.stats
             .published
@@ -451,14 +518,12 @@ impl Relay {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats
             .batch_rows
-            .fetch_add(rows.len() as u64, Ordering::Relaxed);
-        self.stats
-            .batch_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        Ok(BatchOutcome {
-            rows: rows.len(),
-            failed,
-        })
+            .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+        self.stats.batch_micros.fetch_add(
+            batch.started.elapsed().as_micros() as u64,
+            Ordering::Relaxed,
+        );
+        Ok(failed)
     }
 
     async fn ensure_topics(&mut self, rows: &[Row]) -> Result<()> {
