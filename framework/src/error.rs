@@ -62,6 +62,16 @@ pub enum Error {
         /// Why.
         source: DecodeError,
     },
+    /// An event's envelope is larger than a Kafka message may be.
+    #[error("{context}: the envelope is {bytes} bytes, over the limit of {limit}")]
+    EventTooLarge {
+        /// Which event.
+        context: String,
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// An event could not be serialized.
     #[error("{context}: {source}")]
     Encode {

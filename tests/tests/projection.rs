@@ -252,12 +252,14 @@ impl Projection for Strict {
         envelope: &Envelope<OrderEvent>,
     ) -> Result<(), ApplyError> {
         if let OrderEvent::PaymentProcessed { payment_id, .. } = &envelope.payload
-            && payment_id == "P-BAD"
             && !self.fixed.load(Ordering::Relaxed)
         {
-            return Err(ApplyError::permanent(
-                "payment P-BAD is not known to the ledger",
-            ));
+            if payment_id == "P-BAD" {
+                return Err(ApplyError::permanent(
+                    "payment P-BAD is not known to the ledger",
+                ));
+            }
+            assert_ne!(payment_id, "P-PANIC", "a handler bug");
         }
         self.inner.apply(conn, envelope).await
     }
@@ -358,6 +360,12 @@ async fn poison_events_are_dead_lettered_their_streams_parked_then_redriven_in_o
             "ORD-B".into(),
             paid("ORD-B", 2, "P-OK").to_json().into_bytes(),
         ),
+        ("ORD-F".into(), created("ORD-F").to_json().into_bytes()),
+        // The handler panics on this one.
+        (
+            "ORD-F".into(),
+            paid("ORD-F", 2, "P-PANIC").to_json().into_bytes(),
+        ),
         (
             "ORD-C".into(),
             b"{\"event_type\": \"OrderCreated\", trunc".to_vec(),
@@ -406,8 +414,8 @@ async fn poison_events_are_dead_lettered_their_streams_parked_then_redriven_in_o
         "good events applied, poison dead-lettered",
         Duration::from_secs(60),
         async || {
-            stats.applied.load(Ordering::Relaxed) >= 4
-                && stats.dead_lettered.load(Ordering::Relaxed) >= 4
+            stats.applied.load(Ordering::Relaxed) >= 5
+                && stats.dead_lettered.load(Ordering::Relaxed) >= 5
         },
     )
     .await;
@@ -450,7 +458,8 @@ async fn poison_events_are_dead_lettered_their_streams_parked_then_redriven_in_o
             ("ORD-A", Some(3), false),
             ("ORD-C", None, true),
             ("ORD-D", Some(1), true),
-            ("ORD-E", Some(1), true)
+            ("ORD-E", Some(1), true),
+            ("ORD-F", Some(2), true)
         ]
     );
     assert!(
@@ -475,16 +484,21 @@ async fn poison_events_are_dead_lettered_their_streams_parked_then_redriven_in_o
         "{}",
         parked[4].reason
     );
+    assert!(
+        parked[5].reason.contains("the projection panicked"),
+        "{}",
+        parked[5].reason
+    );
 
     // The dead letter topic carries each poison message with why and whence.
     let dead = consume(
         &format!("{prefix}strict_summary.dlq"),
-        4,
+        5,
         Duration::from_secs(1),
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(dead.len(), 4);
+    assert_eq!(dead.len(), 5);
     let dead_a = dead
         .iter()
         .find(|m| m.key == "ORD-A")
@@ -507,7 +521,7 @@ async fn poison_events_are_dead_lettered_their_streams_parked_then_redriven_in_o
         fixed: Arc::clone(&fixed),
     };
     let report = redrive(&db.pool, &strict).await.unwrap();
-    assert_eq!((report.applied, report.still_parked), (2, 3), "{report:?}");
+    assert_eq!((report.applied, report.still_parked), (3, 3), "{report:?}");
     let again = redrive(&db.pool, &strict).await.unwrap();
     assert_eq!((again.applied, again.still_parked), (0, 3));
     let a = summary
@@ -534,7 +548,7 @@ async fn poison_events_are_dead_lettered_their_streams_parked_then_redriven_in_o
     .await;
     let stats = Arc::clone(&running.stats);
     wait_for("ORD-A flows again", Duration::from_secs(30), async || {
-        stats.applied.load(Ordering::Relaxed) >= 5
+        stats.applied.load(Ordering::Relaxed) >= 6
     })
     .await;
     running.stop().await;

@@ -245,6 +245,55 @@ async fn a_stale_append_is_a_typed_conflict() {
 }
 
 #[tokio::test]
+async fn an_append_past_the_stream_end_is_a_conflict_not_a_gap() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    store.execute::<Ledger>("L-1", (5, 0)).await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let event = [LedgerEvent::Deposited { amount: 1, by: 9 }];
+    let error = store
+        .append::<Ledger>(&mut conn, "L-1", 3, &event, &EventContext::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Conflict {
+                expected: 3,
+                actual: 1,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let sequences: Vec<i64> =
+        sqlx::query_scalar("SELECT sequence FROM tidings_events ORDER BY sequence")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(sequences, [1], "no gap was written");
+}
+
+#[tokio::test]
+async fn an_event_too_large_for_kafka_is_refused_at_append() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let huge = OrderCommand::Create {
+        order_id: "ORD-HUGE".into(),
+        user_id: "U".repeat(tidings::store::MAX_ENVELOPE_BYTES),
+        amount: 1.0,
+        currency: "EUR".into(),
+    };
+    let error = store.execute::<Order>("ORD-HUGE", huge).await.unwrap_err();
+    assert!(
+        matches!(error, ExecuteError::Store(Error::EventTooLarge { .. })),
+        "{error}"
+    );
+    assert!(error.to_string().contains("over the limit"), "{error}");
+    assert_eq!(outbox_rows(&db).await.len(), 0);
+}
+
+#[tokio::test]
 async fn fifty_concurrent_commands_on_one_aggregate_lose_nothing() {
     let db = TestDb::new().await;
     let store = Store::with_config(

@@ -53,6 +53,9 @@ impl From<Error> for Failure {
 
 type Stream = (String, String);
 
+/// The largest value copied to the dead letter topic.
+const DLQ_MAX_VALUE_BYTES: usize = 900_000;
+
 enum Decoded<E> {
     Event(Envelope<E>),
     /// Why it cannot be applied, and its sequence when the envelope was readable.
@@ -63,16 +66,21 @@ fn stream_of(message: &Message) -> Stream {
     let id = message
         .key
         .as_deref()
-        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .map(|k| clean(&String::from_utf8_lossy(k)))
         .unwrap_or_default();
     let kind = message
         .headers
         .get(HEADER_AGGREGATE_TYPE)
-        .cloned()
+        .map(|t| clean(t))
         .unwrap_or_else(|| "?".into());
     (kind, id)
 }
 
+/// PostgreSQL text cannot hold NUL: input from the topic is stored with
+/// NUL replaced, so that bad input is parked rather than failing forever.
+fn clean(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
 const CHECKPOINT: &str = "WITH g AS (SELECT generation FROM tidings_projections WHERE name = $1 FOR SHARE) \
     INSERT INTO tidings_checkpoints (projection, topic, partition, next_offset) \
     SELECT $1, $2, $3, 0 FROM g WHERE g.generation = $4 \
@@ -140,7 +148,7 @@ pub(crate) async fn apply_batch<P: Projection>(
             };
             match raw {
                 Ok(raw) => {
-                    let stream = (raw.aggregate_type.clone(), raw.aggregate_id.clone());
+                    let stream = (clean(&raw.aggregate_type), clean(&raw.aggregate_id));
                     let sequence = Some(raw.sequence as i64);
                     if let Some(reason) = poison.get(&m.offset) {
                         return (stream, Decoded::Poison(reason.clone(), sequence));
@@ -233,7 +241,27 @@ pub(crate) async fn apply_batch<P: Projection>(
             correlation_id = envelope.correlation_id.as_deref(),
             causation_id = envelope.causation_id.as_deref()
         );
-        match tracing::Instrument::instrument(projection.apply(&mut tx, envelope), span).await {
+        // A handler that panics on an event must not take the partition
+        // down: its panic makes the event poison.
+        let applying = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(
+            projection.apply(&mut tx, envelope),
+            span,
+        ));
+        let applied = match futures::FutureExt::catch_unwind(applying).await {
+            Ok(result) => result,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_owned());
+                return Err(Failure::Poison {
+                    offset: message.offset,
+                    reason: format!("the projection panicked: {why}"),
+                });
+            }
+        };
+        match applied {
             Ok(()) => {
                 outcome.applied += 1;
                 last_sequence.insert(stream.clone(), sequence);
@@ -291,9 +319,15 @@ pub(crate) async fn apply_batch<P: Projection>(
         .bind(message.partition)
         .bind(message.offset)
         .bind(dead_letter)
-        .bind(reason)
-        .bind(message.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()))
-        .bind(sqlx::types::Json(&message.headers))
+        .bind(clean(reason))
+        .bind(message.key.as_deref().map(|k| clean(&String::from_utf8_lossy(k))))
+        .bind(sqlx::types::Json(
+            message
+                .headers
+                .iter()
+                .map(|(k, v)| (clean(k), clean(v)))
+                .collect::<BTreeMap<_, _>>(),
+        ))
         .bind(message.value.as_deref())
         .execute(&mut *tx)
         .await
@@ -343,12 +377,24 @@ pub(crate) async fn apply_batch<P: Projection>(
                     value: Some(v.as_bytes()),
                 });
             }
+            // A value too large for a Kafka message travels without it (it
+            // is kept in tidings_parked).
+            let value = message
+                .value
+                .as_deref()
+                .filter(|v| v.len() <= DLQ_MAX_VALUE_BYTES);
+            if value.is_none() && message.value.is_some() {
+                headers = headers.insert(Header {
+                    key: "tidings.dlq.value_omitted",
+                    value: Some("too large; kept in tidings_parked"),
+                });
+            }
             let mut record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(dlq_topic).headers(headers);
             if let Some(key) = message.key.as_deref() {
                 record = record.key(key);
             }
-            if let Some(value) = message.value.as_deref() {
+            if let Some(value) = value {
                 record = record.payload(value);
             }
             deliveries.push(producer.send(record, Duration::from_secs(5)));

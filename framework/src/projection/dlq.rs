@@ -78,6 +78,12 @@ pub async fn redrive<P: Projection>(pool: &PgPool, projection: &P) -> Result<Red
     let mut report = RedriveReport::default();
     for (aggregate_type, aggregate_id) in streams {
         let mut tx = pool.begin().await.map_err(db("beginning"))?;
+        // Fenced against a replay, which takes this row FOR UPDATE.
+        sqlx::query("SELECT generation FROM tidings_projections WHERE name = $1 FOR SHARE")
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("locking the projection"))?;
         let mut last: i64 = sqlx::query_scalar(
             "INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
              VALUES ($1, $2, $3, 0) ON CONFLICT (projection, aggregate_type, aggregate_id) \
@@ -91,7 +97,7 @@ pub async fn redrive<P: Projection>(pool: &PgPool, projection: &P) -> Result<Red
         .map_err(db("locking a stream"))?;
         let parked: Vec<(i64, Option<Vec<u8>>)> = sqlx::query_as(
             "SELECT id, value FROM tidings_parked WHERE projection = $1 AND aggregate_type = $2 \
-             AND aggregate_id = $3 ORDER BY id",
+             AND aggregate_id = $3 ORDER BY sequence NULLS FIRST, id",
         )
         .bind(name)
         .bind(&aggregate_type)

@@ -327,6 +327,13 @@ impl<P: Projection> Runner<P> {
                     }
                     Change::Assigned(list) => {
                         tracing::info!(projection = name, partitions = ?list, "projection: partitions assigned");
+                        // A pause survives revocation in librdkafka: a partition
+                        // that comes back must flow again.
+                        let mut assigned = TopicPartitionList::new();
+                        for (topic, partition) in &list {
+                            assigned.add_partition(topic, *partition);
+                        }
+                        let _ = consumer.resume(&assigned);
                     }
                 },
                 received = consumer.recv() => match received {

@@ -70,12 +70,20 @@ impl Lanes {
                 .connect()
                 .await
                 .map_err(Error::db("connecting the relay's lane-lock session"))?;
-            sqlx::query("SELECT pg_advisory_lock($1, $2)")
-                .bind(PRESENCE_CLASS)
-                .bind(self.presence)
-                .execute(&mut conn)
-                .await
-                .map_err(Error::db("registering the relay"))?;
+            // A fresh presence id per session: a stale session of this relay
+            // that the server has not reaped yet cannot block the new one.
+            loop {
+                self.presence = fastrand::i32(0..);
+                let registered: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                    .bind(PRESENCE_CLASS)
+                    .bind(self.presence)
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err(Error::db("registering the relay"))?;
+                if registered {
+                    break;
+                }
+            }
             self.conn = Some(conn);
             self.owned.clear();
         }

@@ -270,6 +270,18 @@ impl Relay {
             }
             // Own lanes.
             if last_rebalance.is_none_or(|t| t.elapsed() >= self.config.rebalance_interval) {
+                // Lanes change hands only with nothing in flight.
+                if let Some(batch) = self.in_flight.take() {
+                    match self.settle(batch).await {
+                        Ok(0) => {}
+                        Ok(_) => failures += 1,
+                        Err(e) => {
+                            failures += 1;
+                            self.report(&e, failures);
+                        }
+                    }
+                    self.blocked.clear();
+                }
                 match self.lanes.rebalance().await {
                     Ok(()) => {
                         last_rebalance = Some(Instant::now());
@@ -405,9 +417,11 @@ impl Relay {
         };
         let fetched = rows.len();
         let full = fetched as i64 == self.config.batch_size;
-        let previous = self.in_flight.take();
         if !rows.is_empty() {
             self.ensure_topics(&rows).await?;
+        }
+        let previous = self.in_flight.take();
+        if !rows.is_empty() {
             self.in_flight = Some(self.enqueue(rows).await);
         }
         let mut failed = 0;
@@ -443,7 +457,17 @@ impl Relay {
     async fn enqueue(&self, rows: Vec<Row>) -> InFlight {
         let started = Instant::now();
         let mut deliveries = Vec::with_capacity(rows.len());
+        let mut refused: HashSet<(&str, &str)> = HashSet::new();
         for row in &rows {
+            let stream = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
+            if refused.contains(&stream)
+                || self
+                    .blocked
+                    .contains(&(stream.0.to_owned(), stream.1.to_owned()))
+            {
+                deliveries.push(Pending::Held);
+                continue;
+            }
             let mut headers = OwnedHeaders::new_with_capacity(row.headers.len());
             for (key, value) in row.headers.iter() {
                 headers = headers.insert(Header {
@@ -467,6 +491,7 @@ impl Relay {
                     }
                     Err((error, _)) => {
                         deliveries.push(Pending::Refused(error));
+                        refused.insert(stream);
                         break;
                     }
                 }
@@ -569,6 +594,8 @@ async fn delete_rows(pool: &PgPool, ids: &[i64]) -> Result<()> {
 enum Pending {
     Sent(rdkafka::producer::DeliveryFuture),
     Refused(KafkaError),
+    /// Not handed to the producer: an earlier row of its aggregate was refused.
+    Held,
 }
 
 impl Pending {
@@ -580,6 +607,7 @@ impl Pending {
                 Err(_) => Err("the producer dropped the delivery report".into()),
             },
             Pending::Refused(error) => Err(error.to_string()),
+            Pending::Held => Err("held behind a refused row of its aggregate".into()),
         }
     }
 }

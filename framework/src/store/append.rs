@@ -12,6 +12,11 @@ use crate::event::Event;
 /// requires an empty outbox.
 pub const OUTBOX_LANES: u32 = 64;
 
+/// The largest envelope the store accepts, in bytes: under Kafka's default
+/// message limit (1,000,000 bytes) with room for the key and headers, so
+/// that every committed event can be published.
+pub const MAX_ENVELOPE_BYTES: usize = 950_000;
+
 /// The outbox lane of an aggregate: FNV-1a over type and id, modulo [`OUTBOX_LANES`].
 pub fn lane_of(aggregate_type: &str, aggregate_id: &str) -> i32 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -30,6 +35,10 @@ const APPEND: &str = r#"
 WITH input AS (
     SELECT * FROM UNNEST($5::uuid[], $6::bigint[], $7::text[], $8::int[], $9::timestamptz[], $10::text[], $11::text[])
         WITH ORDINALITY AS t(event_id, sequence, event_type, event_version, recorded_at, payload, envelope, ord)
+    -- Only right after the expected sequence: no gap, no append past a
+    -- sequence this transaction cannot see committed.
+    WHERE (SELECT coalesce(max(sequence), 0) FROM tidings_events
+           WHERE aggregate_type = $1 AND aggregate_id = $2) = $15
 ), events AS (
     INSERT INTO tidings_events
         (event_id, aggregate_type, aggregate_id, sequence, event_type, event_version,
@@ -81,6 +90,14 @@ pub(crate) async fn append<E: Event>(
                     context: format!("{}: encoding `{}`", what(), event.event_type()),
                     source,
                 })?;
+        let bytes = encoded.to_json().len();
+        if bytes > MAX_ENVELOPE_BYTES {
+            return Err(Error::EventTooLarge {
+                context: format!("{}: `{}`", what(), event.event_type()),
+                bytes,
+                limit: MAX_ENVELOPE_BYTES,
+            });
+        }
         envelopes.push(encoded);
     }
 
@@ -118,21 +135,24 @@ pub(crate) async fn append<E: Event>(
         .bind(context.correlation_id.as_deref())
         .bind(context.causation_id.as_deref())
         .bind(metadata)
+        .bind(expected_sequence as i64)
         .fetch_one(&mut *conn)
         .await;
+    let conflict = || Error::Conflict {
+        aggregate_type: aggregate_type.to_owned(),
+        aggregate_id: aggregate_id.to_owned(),
+        expected: expected_sequence,
+        actual: 0,
+    };
     match result {
+        Ok(0) => Err(conflict()),
         Ok(_) => Ok(envelopes),
         Err(sqlx::Error::Database(db))
             if db.constraint() == Some("tidings_events_stream_sequence") =>
         {
             // The transaction is aborted now; the caller reads the actual
             // sequence on another connection.
-            Err(Error::Conflict {
-                aggregate_type: aggregate_type.to_owned(),
-                aggregate_id: aggregate_id.to_owned(),
-                expected: expected_sequence,
-                actual: 0,
-            })
+            Err(conflict())
         }
         Err(e) => Err(Error::db(what())(e)),
     }

@@ -34,7 +34,7 @@ use crate::aggregate::Aggregate;
 use crate::envelope::{EventContext, RawEnvelope};
 use crate::error::{Error, Result};
 
-pub use append::{OUTBOX_LANES, lane_of};
+pub use append::{MAX_ENVELOPE_BYTES, OUTBOX_LANES, lane_of};
 
 /// How the store retries conflicts.
 #[derive(Debug, Clone)]
