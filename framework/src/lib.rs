@@ -13,9 +13,25 @@
 //!
 //! | stage | guarantee |
 //! |---|---|
+//! | events | stored rows are never rewritten; upcasters bring old versions to the current one on read |
 //! | store | a command's events and outbox rows commit atomically with the caller's own writes, or not at all |
-//! | store | optimistic concurrency per stream: two writers never both append the same sequence |
+//! | store | optimistic concurrency per stream: two writers never both append the same sequence, and no append leaves a gap |
 //! | relay | an event is published if and only if its transaction committed; at least once; in order per aggregate |
+//! | projections | each event changes a read model once; poison events are dead-lettered and their stream parked, never applied out of order |
+//!
+//! ## Where things are
+//!
+//! | module | what |
+//! |---|---|
+//! | [`Event`], [`Envelope`], [`schema`] | versioned events, the wire envelope, JSON Schemas and the schema lock |
+//! | [`Aggregate`], [`testing`] | the decision logic and its given/when/then harness |
+//! | [`store`] | the PostgreSQL event store and transactional outbox |
+//! | `relay` | the outbox relay (feature `kafka`) |
+//! | `projection` | read models from Kafka: runner, dead letters, re-drive, replay (feature `kafka`) |
+//! | `metrics`, `cli` | Prometheus metrics and health; the command line (features `kafka`, `cli`) |
+//!
+//! A quick look at the whole flow is `examples/quickstart.rs`; run it with
+//! `scripts/dev.sh quickstart`.
 //!
 //! ## Features
 //!

@@ -199,7 +199,6 @@ impl Store {
 
     /// Runs a command: load, handle, append and commit in one transaction,
     /// retrying concurrency conflicts with jittered backoff.
-    #[tracing::instrument(name = "tidings.execute", skip_all, fields(aggregate_type = A::TYPE, aggregate_id = id))]
     pub async fn execute<A: Aggregate>(
         &self,
         id: &str,
