@@ -245,6 +245,28 @@ async fn a_stale_append_is_a_typed_conflict() {
 }
 
 #[tokio::test]
+async fn a_cached_aggregate_gone_stale_is_reloaded_not_trusted() {
+    let db = TestDb::new().await;
+    // Two stores: two processes writing the same aggregate, each with its cache.
+    let a = Store::new(db.pool.clone());
+    let b = Store::new(db.pool.clone());
+    a.execute::<Ledger>("L-1", (10, 0)).await.unwrap(); // a caches balance 10
+    b.execute::<Ledger>("L-1", (5, 1)).await.unwrap(); // a's cache is now stale
+    let third = a.execute::<Ledger>("L-1", (1, 2)).await.unwrap();
+    assert_eq!(
+        third.retries, 1,
+        "the stale entry cost one conflict and a reload"
+    );
+    assert_eq!((third.state.balance, third.sequence), (16, 3));
+    let fourth = a.execute::<Ledger>("L-1", (1, 3)).await.unwrap();
+    assert_eq!(
+        (fourth.retries, fourth.state.balance, fourth.sequence),
+        (0, 17, 4)
+    );
+    assert_eq!(a.load::<Ledger>("L-1").await.unwrap().state.balance, 17);
+}
+
+#[tokio::test]
 async fn an_append_past_the_stream_end_is_a_conflict_not_a_gap() {
     let db = TestDb::new().await;
     let store = Store::new(db.pool.clone());

@@ -50,6 +50,11 @@ pub struct StoreConfig {
     pub max_backoff: Duration,
     /// Prepended to every topic name, e.g. `staging.` (default empty).
     pub topic_prefix: String,
+    /// How many aggregates [`Store::execute`] keeps in memory after a
+    /// commit, to skip loading them next time (default 10,000; 0 disables).
+    /// Safe with other writers: an append must follow the stream's last
+    /// sequence, so a stale entry only causes a conflict and a reload.
+    pub cache_capacity: usize,
 }
 
 impl Default for StoreConfig {
@@ -59,6 +64,7 @@ impl Default for StoreConfig {
             base_backoff: Duration::from_millis(2),
             max_backoff: Duration::from_millis(200),
             topic_prefix: String::new(),
+            cache_capacity: 10_000,
         }
     }
 }
@@ -67,6 +73,12 @@ impl StoreConfig {
     /// Sets [`StoreConfig::max_conflict_retries`].
     pub fn max_conflict_retries(mut self, retries: u32) -> Self {
         self.max_conflict_retries = retries;
+        self
+    }
+
+    /// Sets [`StoreConfig::cache_capacity`].
+    pub fn cache_capacity(mut self, aggregates: usize) -> Self {
+        self.cache_capacity = aggregates;
         self
     }
 
@@ -133,12 +145,17 @@ pub struct StoreStats {
     pub conflicts: std::sync::atomic::AtomicU64,
 }
 
+/// Aggregates recently committed through this store: (type, id) →
+/// (sequence, snapshot version, state as JSON).
+type Cache = std::collections::HashMap<(&'static str, String), (u64, u32, serde_json::Value)>;
+
 /// The event store on PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
     config: StoreConfig,
     stats: std::sync::Arc<StoreStats>,
+    cache: std::sync::Arc<std::sync::Mutex<Cache>>,
 }
 
 impl Store {
@@ -154,6 +171,7 @@ impl Store {
             pool,
             config,
             stats: std::sync::Arc::default(),
+            cache: std::sync::Arc::default(),
         }
     }
 
@@ -239,26 +257,32 @@ impl Store {
                 .await
                 .map_err(Error::db("beginning a transaction"))?;
             match self
-                .try_execute::<A>(&mut tx, id, command.clone(), context)
+                .try_execute::<A>(&mut tx, id, command.clone(), context, attempt == 0)
                 .await
             {
                 Ok(mut committed) => {
-                    tx.commit().await.map_err(Error::db(format!(
-                        "committing a command on {}/{id}",
-                        A::TYPE
-                    )))?;
+                    if let Err(e) = tx.commit().await {
+                        self.remember::<A>(id, None);
+                        return Err(
+                            Error::db(format!("committing a command on {}/{id}", A::TYPE))(e)
+                                .into(),
+                        );
+                    }
                     committed.retries = attempt;
                     self.count(&committed);
+                    self.remember(id, Some(&committed));
                     return Ok(committed);
                 }
                 Err(ExecuteError::Store(Error::Conflict { .. }))
                     if attempt < self.config.max_conflict_retries =>
                 {
                     drop(tx);
+                    self.remember::<A>(id, None);
                     tokio::time::sleep(self.config.backoff(attempt)).await;
                     attempt += 1;
                 }
                 Err(ExecuteError::Store(e)) => {
+                    self.remember::<A>(id, None);
                     return Err(ExecuteError::Store(self.with_actual(e).await));
                 }
                 Err(e) => return Err(e),
@@ -300,7 +324,7 @@ impl Store {
                 .await
                 .map_err(Error::db("creating a savepoint"))?;
             match self
-                .try_execute::<A>(&mut savepoint, id, command.clone(), context)
+                .try_execute::<A>(&mut savepoint, id, command.clone(), context, false)
                 .await
             {
                 Ok(mut committed) => {
@@ -310,6 +334,8 @@ impl Store {
                         .map_err(Error::db("releasing a savepoint"))?;
                     committed.retries = attempt;
                     self.count(&committed);
+                    // The caller decides whether this commits: forget the cached state.
+                    self.remember::<A>(id, None);
                     return Ok(committed);
                 }
                 Err(ExecuteError::Store(Error::Conflict { .. }))
@@ -353,14 +379,60 @@ impl Store {
         }
     }
 
+    /// The cached state of an aggregate, if any and of the current snapshot version.
+    fn cached<A: Aggregate>(&self, id: &str) -> Option<Loaded<A>> {
+        let cache = self.cache.lock().ok()?;
+        let (sequence, version, state) = cache.get(&(A::TYPE, id.to_owned()))?;
+        if *version != A::SNAPSHOT_VERSION {
+            return None;
+        }
+        let state = serde_json::from_value(state.clone()).ok()?;
+        Some(Loaded {
+            state,
+            sequence: *sequence,
+            from_snapshot: false,
+        })
+    }
+
+    /// Remembers a committed state (or forgets the aggregate with `None`).
+    fn remember<A: Aggregate>(&self, id: &str, committed: Option<&Committed<A>>) {
+        if self.config.cache_capacity == 0 {
+            return;
+        }
+        let Ok(mut cache) = self.cache.lock() else {
+            return;
+        };
+        let key = (A::TYPE, id.to_owned());
+        match committed.and_then(|c| serde_json::to_value(&c.state).ok().map(|v| (c.sequence, v))) {
+            Some((sequence, state)) => {
+                if cache.len() >= self.config.cache_capacity && !cache.contains_key(&key) {
+                    cache.clear();
+                }
+                cache.insert(key, (sequence, A::SNAPSHOT_VERSION, state));
+            }
+            None => {
+                cache.remove(&key);
+            }
+        }
+    }
+
     async fn try_execute<A: Aggregate>(
         &self,
         conn: &mut PgConnection,
         id: &str,
         command: A::Command,
         context: &EventContext,
+        use_cache: bool,
     ) -> Result<Committed<A>, ExecuteError<A::Error>> {
-        let loaded = load::load::<A>(conn, id).await?;
+        let cached = if use_cache {
+            self.cached::<A>(id)
+        } else {
+            None
+        };
+        let loaded = match cached {
+            Some(loaded) => loaded,
+            None => load::load::<A>(conn, id).await?,
+        };
         let events = loaded
             .state
             .handle(command)
