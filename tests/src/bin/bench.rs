@@ -73,7 +73,6 @@ struct Never;
 
 impl Aggregate for Counter {
     const TYPE: &'static str = "counter";
-    const SNAPSHOT_EVERY: u64 = 50;
     type Event = BenchEvent;
     type Command = usize;
     type Error = Never;
