@@ -267,3 +267,28 @@ pub async fn write(
         task.await.unwrap();
     }
 }
+
+/// The events committed to the store so far.
+pub async fn committed(pool: &PgPool) -> u64 {
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM tidings_events")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    total as u64
+}
+
+/// Waits until the read model applied every committed event, reads the
+/// counters' topic from `brokers`, and computes the figures.
+pub async fn settle(store: &Store, brokers: &str) -> Figures {
+    let total = committed(store.pool()).await;
+    wait_applied(store.pool(), total, Duration::from_secs(120)).await;
+    let messages = crate::consume_from(
+        brokers,
+        &store.topic_of::<Counter>(),
+        total as usize,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    figures(store, &messages).await
+}

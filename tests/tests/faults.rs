@@ -16,7 +16,9 @@ use tidings::kafka::KafkaConfig;
 use tidings::projection::{Runner, RunnerConfig};
 use tidings::relay::{Relay, RelayConfig};
 use tidings::{RawEnvelope, Store};
-use tidings_tests::pipeline::{Counter, CounterView, figures, scale, wait_applied, write};
+use tidings_tests::pipeline::{
+    Counter, CounterView, committed, figures, scale, settle, wait_applied, write,
+};
 use tidings_tests::{OwnBroker, TestDb, brokers, consume_from, prefixed_store, tidings_bin};
 use tokio::sync::watch;
 
@@ -89,26 +91,10 @@ async fn the_relay_killed_repeatedly_while_commands_stream_in() {
         child = spawn();
     }
     writer.await.unwrap();
-    let committed = tidings::store::outbox_status(&db.pool).await.unwrap().depth;
-    let _ = committed;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM tidings_events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    wait_applied(&db.pool, total as u64, Duration::from_secs(120)).await;
+    let figures = settle(&store, &brokers()).await;
     child.kill().unwrap();
     child.wait().unwrap();
-    let messages = consume_from(
-        &brokers(),
-        &store.topic_of::<Counter>(),
-        total as usize,
-        Duration::from_secs(2),
-        Duration::from_secs(60),
-    )
-    .await;
-    figures(&store, &messages)
-        .await
-        .assert_sound(&format!("relay SIGKILLed {kills} times"));
+    figures.assert_sound(&format!("relay SIGKILLed {kills} times"));
     stopper.stop();
     projection.await.unwrap().unwrap();
 }
@@ -133,20 +119,7 @@ async fn the_broker_stopped_and_restarted_under_the_whole_pipeline() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     broker.resume();
     writer.await.unwrap();
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM tidings_events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    wait_applied(&db.pool, total as u64, Duration::from_secs(120)).await;
-    let messages = consume_from(
-        &broker.address,
-        &store.topic_of::<Counter>(),
-        total as usize,
-        Duration::from_secs(2),
-        Duration::from_secs(60),
-    )
-    .await;
-    figures(&store, &messages)
+    settle(&store, &broker.address)
         .await
         .assert_sound("broker killed and restarted");
     stopper.stop();
@@ -173,21 +146,9 @@ async fn a_conflict_storm_on_few_aggregates() {
         .conflicts
         .load(std::sync::atomic::Ordering::Relaxed);
     assert!(conflicts > 0, "24 writers on 3 aggregates must conflict");
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM tidings_events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let total = committed(&db.pool).await;
     assert_eq!(total as usize, 240 * scale(), "every command landed once");
-    wait_applied(&db.pool, total as u64, Duration::from_secs(120)).await;
-    let messages = consume_from(
-        &brokers(),
-        &store.topic_of::<Counter>(),
-        total as usize,
-        Duration::from_secs(2),
-        Duration::from_secs(60),
-    )
-    .await;
-    figures(&store, &messages)
+    settle(&store, &brokers())
         .await
         .assert_sound(&format!("conflict storm ({conflicts} conflicts retried)"));
     stopper.stop();

@@ -6,8 +6,8 @@ use std::time::Duration;
 use tidings::kafka::KafkaConfig;
 use tidings::projection::{Runner, RunnerConfig};
 use tidings::relay::{Relay, RelayConfig};
-use tidings_tests::pipeline::{Counter, CounterView, figures, scale, wait_applied, write};
-use tidings_tests::{TestDb, brokers, consume, prefixed_store};
+use tidings_tests::pipeline::{Counter, CounterView, scale, settle, write};
+use tidings_tests::{TestDb, brokers, prefixed_store};
 
 /// Restarts the local cluster the way `scripts/dev.sh` starts it.
 fn restart_postgres() {
@@ -61,25 +61,14 @@ async fn postgres_restarted_mid_run_relay_and_runner_reconnect_by_themselves() {
     tokio::task::spawn_blocking(restart_postgres).await.unwrap();
     writer.await.unwrap();
 
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM tidings_events")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    wait_applied(&db.pool, total as u64, Duration::from_secs(120)).await;
-    let messages = consume(
-        &store.topic_of::<Counter>(),
-        total as usize,
-        Duration::from_secs(2),
-        Duration::from_secs(60),
-    )
-    .await;
+    let figures = settle(&store, &brokers()).await;
     let errors = relay_stats
         .errors
         .load(std::sync::atomic::Ordering::Relaxed)
         + runner_stats
             .retries
             .load(std::sync::atomic::Ordering::Relaxed);
-    figures(&store, &messages).await.assert_sound(&format!(
+    figures.assert_sound(&format!(
         "PostgreSQL restarted ({errors} errors retried by relay and runner)"
     ));
     stop.send(true).unwrap();
