@@ -57,7 +57,7 @@ broker_install() {
     if [ -x "$NISSHI" ] && "$NISSHI" --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then
         return
     fi
-    say "broker: installing nisshi $NISSHI_VERSION into $NISSHI_ROOT (once; ~11 min on 2 cores)"
+    say "broker: installing nisshi $NISSHI_VERSION into $NISSHI_ROOT (once; 20 to 40 min on 2 cores)"
     mkdir -p "$NISSHI_ROOT"
     CARGO_TARGET_DIR="$CACHE/nisshi-build" cargo install nisshi --version "$NISSHI_VERSION" --locked \
         --ignore-rust-version --no-default-features --features postgres,dynostore \

@@ -19,7 +19,12 @@
 //!   load the next batch (which leaves out the rows in flight) is read and
 //!   enqueued while the previous one awaits its reports; a failure in either
 //!   keeps the failed aggregate's rows of both, and the idempotent producer's
-//!   gapless guarantee stops delivery after a failed message of a partition.
+//!   gapless guarantee stops delivery after a failed message of a partition
+//!   (message timeouts are outside that setting; for them the producer's
+//!   per-partition sequence numbers keep the broker from accepting a later
+//!   message without the earlier ones). Consumers that skip events at or
+//!   below the last sequence applied, as tidings projections do, see each
+//!   aggregate in order even when rows are published twice.
 //! - **Late commits are never skipped.** There is no cursor: every poll reads
 //!   whatever rows are in the outbox now, so a row with a lower id that
 //!   becomes visible after higher ones is simply published on the next poll.
