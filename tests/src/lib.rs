@@ -126,13 +126,18 @@ fn drop_database(server: PgConnectOptions, name: String) {
 
 /// A store whose topics carry a prefix unique to the test.
 pub fn prefixed_store(db: &TestDb) -> tidings::Store {
-    let prefix = format!("{}.", unique("t"));
-    tidings::Store::with_config(
-        db.pool.clone(),
-        tidings::StoreConfig::default().topic_prefix(prefix),
-    )
+    store_with_prefix(db).0
 }
 
+/// [`prefixed_store`], with the prefix (for runners reading its topics).
+pub fn store_with_prefix(db: &TestDb) -> (tidings::Store, String) {
+    let prefix = format!("{}.", unique("t"));
+    let store = tidings::Store::with_config(
+        db.pool.clone(),
+        tidings::StoreConfig::default().topic_prefix(&prefix),
+    );
+    (store, prefix)
+}
 /// A client configuration for the test broker.
 pub fn kafka_config() -> ClientConfig {
     let mut config = ClientConfig::new();

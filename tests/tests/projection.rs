@@ -15,10 +15,10 @@ use tidings::projection::{
     ApplyError, Projection, Runner, RunnerConfig, RunnerStats, redrive, replay,
 };
 use tidings::relay::{Relay, RelayConfig};
-use tidings::{Envelope, RawEnvelope, Store, StoreConfig};
+use tidings::{Envelope, RawEnvelope};
 use tidings_examples::orders::{Order, OrderCommand, OrderEvent, OrderStatus};
 use tidings_examples::summary::OrderSummary;
-use tidings_tests::{TestDb, brokers, consume, kafka_config, unique};
+use tidings_tests::{TestDb, brokers, consume, kafka_config, store_with_prefix, unique};
 use tokio::sync::oneshot;
 
 struct Running {
@@ -100,11 +100,7 @@ fn expected_row(id: &str, order: &Order, sequence: u64) -> (String, String, Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_model_matches_the_store_despite_duplicates_and_replays_identically() {
     let db = TestDb::new().await;
-    let prefix = format!("{}.", unique("t"));
-    let store = Store::with_config(
-        db.pool.clone(),
-        StoreConfig::default().topic_prefix(&prefix),
-    );
+    let (store, prefix) = store_with_prefix(&db);
     let topic = store.topic_of::<Order>();
     let summary = OrderSummary::default();
     summary.create_table(&db.pool).await.unwrap();
@@ -558,11 +554,7 @@ async fn poison_events_are_dead_lettered_their_streams_parked_then_redriven_in_o
 async fn two_instances_share_the_partitions_and_a_killed_one_loses_and_repeats_nothing() {
     let orders = 60usize;
     let db = TestDb::new().await;
-    let prefix = format!("{}.", unique("t"));
-    let store = Store::with_config(
-        db.pool.clone(),
-        StoreConfig::default().topic_prefix(&prefix),
-    );
+    let (store, prefix) = store_with_prefix(&db);
     let summary = OrderSummary::default();
     summary.create_table(&db.pool).await.unwrap();
     let (relay_stop, relay) = start_relay(&db);
@@ -693,11 +685,7 @@ async fn two_instances_share_the_partitions_and_a_killed_one_loses_and_repeats_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zero_downtime_rebuild_serves_the_old_version_until_the_new_one_caught_up() {
     let db = TestDb::new().await;
-    let prefix = format!("{}.", unique("t"));
-    let store = Store::with_config(
-        db.pool.clone(),
-        StoreConfig::default().topic_prefix(&prefix),
-    );
+    let (store, prefix) = store_with_prefix(&db);
     let topic = store.topic_of::<Order>();
     let v1 = OrderSummary::new("summary_v1", "order_summary_v1");
     let v2 = OrderSummary::new("summary_v2", "order_summary_v2");

@@ -406,6 +406,13 @@ async fn raw_replay(pool: &PgPool, topic: &str, n: usize) -> Result<f64, BoxErro
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Rows in the order summary read model (one per order applied).
+async fn summary_rows(pool: &PgPool) -> Result<i64, BoxError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM order_summary")
+        .fetch_one(pool)
+        .await?)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
@@ -482,12 +489,7 @@ async fn main() -> Result<(), BoxError> {
         let took = wait(
             "the projection replaying the topic",
             Duration::from_secs(900),
-            async || {
-                let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM order_summary")
-                    .fetch_one(&pool)
-                    .await?;
-                Ok(applied >= n)
-            },
+            async || Ok(summary_rows(&pool).await? >= n),
         )
         .await?;
         let ours = args.events as f64 / took.as_secs_f64();
@@ -541,12 +543,7 @@ async fn main() -> Result<(), BoxError> {
             wait(
                 "the end-to-end run settling",
                 Duration::from_secs(120),
-                async || {
-                    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM order_summary")
-                        .fetch_one(&pool)
-                        .await?;
-                    Ok(applied >= expected)
-                },
+                async || Ok(summary_rows(&pool).await? >= expected),
             )
             .await?;
             let (p50, p95, p99): (f64, f64, f64) = sqlx::query_as(
