@@ -86,9 +86,10 @@ pub enum Error {
     /// Event schemas differ from the committed lock.
     #[error("{0}")]
     SchemaMismatch(String),
-    /// The tidings tables are missing: run `tidings migrate`.
+    /// The tidings tables are missing or older than this version: run
+    /// `tidings migrate`.
     #[error(
-        "the tidings tables are missing in this database: run `tidings migrate` (or tidings::MIGRATOR) first"
+        "the tidings tables are missing or out of date in this database: run `tidings migrate` (or tidings::MIGRATOR) first"
     )]
     NotMigrated,
 }
@@ -119,8 +120,9 @@ impl Error {
         let context = context.into();
         move |source| {
             if let sqlx::Error::Database(db) = &source {
-                // undefined_table: the schema is not there.
-                if db.code().as_deref() == Some("42P01") {
+                // undefined_table, undefined_column: the schema is not
+                // there, or not all of it.
+                if matches!(db.code().as_deref(), Some("42P01" | "42703")) {
                     return Error::NotMigrated;
                 }
             }

@@ -206,6 +206,9 @@ pub struct RelayArgs {
     /// Rows per batch.
     #[arg(long, env = "TIDINGS_RELAY_BATCH_SIZE", default_value_t = 5000)]
     pub batch_size: i64,
+    /// Batches handed to the producer and not yet acknowledged, at most.
+    #[arg(long, env = "TIDINGS_RELAY_PIPELINE_DEPTH", default_value_t = 4)]
+    pub pipeline_depth: usize,
     /// Partitions of topics the relay creates.
     #[arg(long, env = "TIDINGS_TOPIC_PARTITIONS", default_value_t = 6)]
     pub partitions: i32,
@@ -358,6 +361,7 @@ impl Command {
                 let pool = global.pool().await?;
                 let mut config = RelayConfig::new(kafka)
                     .batch_size(args.batch_size)
+                    .pipeline_depth(args.pipeline_depth)
                     .delivery_timeout(Duration::from_secs(args.delivery_timeout_secs.max(1)));
                 config.create_topics = if args.no_create_topics {
                     None

@@ -87,14 +87,26 @@ const CHECKPOINT: &str = "WITH g AS (SELECT generation FROM tidings_projections 
     ON CONFLICT (projection, topic, partition) DO UPDATE SET next_offset = tidings_checkpoints.next_offset \
     RETURNING next_offset";
 
-const LOCK_STREAMS: &str = "INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
+/// Locks the streams of a batch (creating their rows) and reads their last
+/// sequences and whether they are parked, in one round trip.
+const LOCK_STREAMS: &str = "WITH locked AS ( \
+    INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
     SELECT $1, t, i, 0 FROM UNNEST($2::text[], $3::text[]) AS s(t, i) ORDER BY t, i \
     ON CONFLICT (projection, aggregate_type, aggregate_id) \
     DO UPDATE SET last_sequence = tidings_projection_streams.last_sequence \
-    RETURNING aggregate_type, aggregate_id, last_sequence";
+    RETURNING aggregate_type, aggregate_id, last_sequence) \
+    SELECT l.aggregate_type, l.aggregate_id, l.last_sequence, EXISTS ( \
+    SELECT 1 FROM tidings_parked p WHERE p.projection = $1 \
+    AND p.aggregate_type = l.aggregate_type AND p.aggregate_id = l.aggregate_id) \
+    FROM locked l";
 
-const BLOCKED: &str = "SELECT DISTINCT aggregate_type, aggregate_id FROM tidings_parked \
-    WHERE projection = $1 AND (aggregate_type, aggregate_id) IN (SELECT * FROM UNNEST($2::text[], $3::text[]))";
+/// Saves the batch's stream positions and its checkpoint, in one round trip.
+const SAVE_POSITIONS: &str = "WITH streams AS ( \
+    UPDATE tidings_projection_streams s SET last_sequence = u.seq \
+    FROM UNNEST($5::text[], $6::text[], $7::bigint[]) AS u(t, i, seq) \
+    WHERE s.projection = $1 AND s.aggregate_type = u.t AND s.aggregate_id = u.i) \
+    UPDATE tidings_checkpoints SET next_offset = $4, updated_at = now() \
+    WHERE projection = $1 AND topic = $2 AND partition = $3";
 
 /// Applies `messages` (one partition, in offset order) in one transaction.
 #[allow(clippy::too_many_arguments)]
@@ -176,23 +188,21 @@ pub(crate) async fn apply_batch<P: Projection>(
     keys.dedup();
     let types: Vec<&str> = keys.iter().map(|s| s.0.as_str()).collect();
     let ids: Vec<&str> = keys.iter().map(|s| s.1.as_str()).collect();
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(LOCK_STREAMS)
+    let rows: Vec<(String, String, i64, bool)> = sqlx::query_as(LOCK_STREAMS)
         .bind(name)
         .bind(&types)
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await
         .map_err(db("locking streams"))?;
-    let mut last_sequence: HashMap<Stream, i64> =
-        rows.into_iter().map(|(t, i, s)| ((t, i), s)).collect();
-    let blocked_rows: Vec<(String, String)> = sqlx::query_as(BLOCKED)
-        .bind(name)
-        .bind(&types)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db("reading parked streams"))?;
-    let mut blocked: HashSet<Stream> = blocked_rows.into_iter().collect();
+    let mut last_sequence: HashMap<Stream, i64> = HashMap::with_capacity(rows.len());
+    let mut blocked: HashSet<Stream> = HashSet::new();
+    for (kind, id, sequence, parked) in rows {
+        if parked {
+            blocked.insert((kind.clone(), id.clone()));
+        }
+        last_sequence.insert((kind, id), sequence);
+    }
 
     let mut changed: HashSet<Stream> = HashSet::new();
     let mut parked: Vec<(&Message, &Stream, Option<i64>, bool, String)> = Vec::new();
@@ -277,33 +287,7 @@ pub(crate) async fn apply_batch<P: Projection>(
         }
     }
 
-    // Positions, parked events, checkpoint: all in this transaction.
-    if !changed.is_empty() {
-        let (types, ids, seqs): (Vec<&str>, Vec<&str>, Vec<i64>) = changed
-            .iter()
-            .map(|s| (s.0.as_str(), s.1.as_str(), last_sequence[s]))
-            .fold(
-                (vec![], vec![], vec![]),
-                |(mut a, mut b, mut c), (t, i, s)| {
-                    a.push(t);
-                    b.push(i);
-                    c.push(s);
-                    (a, b, c)
-                },
-            );
-        sqlx::query(
-            "UPDATE tidings_projection_streams s SET last_sequence = u.seq \
-             FROM UNNEST($2::text[], $3::text[], $4::bigint[]) AS u(t, i, seq) \
-             WHERE s.projection = $1 AND s.aggregate_type = u.t AND s.aggregate_id = u.i",
-        )
-        .bind(name)
-        .bind(&types)
-        .bind(&ids)
-        .bind(&seqs)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("saving stream positions"))?;
-    }
+    // Parked events, positions, checkpoint: all in this transaction.
     for (message, stream, sequence, dead_letter, reason) in &parked {
         sqlx::query(
             "INSERT INTO tidings_parked (projection, aggregate_type, aggregate_id, sequence, topic, partition, \
@@ -338,17 +322,25 @@ pub(crate) async fn apply_batch<P: Projection>(
             outcome.parked += 1;
         }
     }
-    sqlx::query(
-        "UPDATE tidings_checkpoints SET next_offset = $4, updated_at = now() \
-         WHERE projection = $1 AND topic = $2 AND partition = $3",
-    )
-    .bind(name)
-    .bind(&first.topic)
-    .bind(first.partition)
-    .bind(new_next)
-    .execute(&mut *tx)
-    .await
-    .map_err(db("saving the checkpoint"))?;
+    let mut types = Vec::with_capacity(changed.len());
+    let mut ids = Vec::with_capacity(changed.len());
+    let mut sequences = Vec::with_capacity(changed.len());
+    for stream in &changed {
+        types.push(stream.0.as_str());
+        ids.push(stream.1.as_str());
+        sequences.push(last_sequence[stream]);
+    }
+    sqlx::query(SAVE_POSITIONS)
+        .bind(name)
+        .bind(&first.topic)
+        .bind(first.partition)
+        .bind(new_next)
+        .bind(&types)
+        .bind(&ids)
+        .bind(&sequences)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("saving stream positions and the checkpoint"))?;
 
     // Dead letters reach their topic before the transaction commits: a crash
     // in between sends them again (at least once), never loses them.

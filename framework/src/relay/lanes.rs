@@ -47,12 +47,19 @@ impl Lanes {
         self.owned.iter().copied().collect()
     }
 
-    /// Reconnects if needed, then takes free lanes up to the fair share and
-    /// gives back those above it. On a connection failure every lane is
+    /// Whether no lane is owned.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.owned.is_empty()
+    }
+
+    /// Reconnects if needed, then takes free lanes up to the fair share and,
+    /// with `may_release` (nothing of this relay's lanes in flight), gives
+    /// back those above it. Returns whether lanes should be given back but
+    /// `may_release` forbade it. On a connection failure every lane is
     /// considered lost (PostgreSQL releases them with the session).
-    pub(crate) async fn rebalance(&mut self) -> Result<()> {
-        match self.try_rebalance().await {
-            Ok(()) => Ok(()),
+    pub(crate) async fn rebalance(&mut self, may_release: bool) -> Result<bool> {
+        match self.try_rebalance(may_release).await {
+            Ok(surplus) => Ok(surplus),
             Err(e) => {
                 self.owned.clear();
                 if let Some(conn) = self.conn.take() {
@@ -63,7 +70,7 @@ impl Lanes {
         }
     }
 
-    async fn try_rebalance(&mut self) -> Result<()> {
+    async fn try_rebalance(&mut self, may_release: bool) -> Result<bool> {
         if self.conn.is_none() {
             let mut conn = self
                 .options
@@ -100,8 +107,11 @@ impl Lanes {
         let relays = relays.max(1) as u32;
         let share = OUTBOX_LANES.div_ceil(relays) as usize;
 
-        // Give back lanes above the fair share (between batches, so nothing
-        // of those lanes is in flight here).
+        // Give back lanes above the fair share (only with nothing in flight,
+        // so no row of those lanes is still on its way).
+        if self.owned.len() > share && !may_release {
+            return Ok(true);
+        }
         while self.owned.len() > share {
             let lane = *self.owned.iter().next_back().expect("not empty");
             sqlx::query("SELECT pg_advisory_unlock($1, $2)")
@@ -146,7 +156,7 @@ impl Lanes {
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Releases every lane and the presence lock.

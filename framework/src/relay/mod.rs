@@ -13,53 +13,71 @@
 //!   a PostgreSQL session advisory lock (released by the server if the relay
 //!   dies), so one aggregate is published by one relay at a time. The relay
 //!   reads the visible rows of its lanes in id order, produces them in that
-//!   order, waits for every delivery report and deletes exactly the rows
-//!   acknowledged, keeping a failed row *and every later row of its
-//!   aggregate*, which are retried after a backoff in the same order. Under
-//!   load the next batch (which leaves out the rows in flight) is read and
-//!   enqueued while the previous one awaits its reports; a failure in either
-//!   keeps the failed aggregate's rows of both, and the idempotent producer's
-//!   gapless guarantee stops delivery after a failed message of a partition
-//!   (message timeouts are outside that setting; for them the producer's
-//!   per-partition sequence numbers keep the broker from accepting a later
-//!   message without the earlier ones). Consumers that skip events at or
-//!   below the last sequence applied, as tidings projections do, see each
-//!   aggregate in order even when rows are published twice.
-//! - **Late commits are never skipped.** There is no cursor: every poll reads
-//!   whatever rows are in the outbox now, so a row with a lower id that
-//!   becomes visible after higher ones is simply published on the next poll.
-//!   This is safe for ordering because, within one aggregate, a row only
-//!   becomes visible after all lower sequences of that aggregate committed
-//!   (the store's unique stream key makes a concurrent writer wait for and
-//!   then fail on the earlier transaction), and its id is higher.
+//!   order, and deletes exactly the rows acknowledged, keeping a failed row
+//!   *and every later row of its aggregate*, which are retried after a
+//!   backoff in the same order.
+//! - **Late commits are never skipped.** There is no cursor: every read takes
+//!   whatever rows are in the outbox now, leaving out only the rows this
+//!   relay has in flight, so a row with a lower id that becomes visible after
+//!   higher ones is simply published by the next read. This is safe for
+//!   ordering because, within one aggregate, a row only becomes visible after
+//!   all lower sequences of that aggregate committed (the store's unique
+//!   stream key makes a concurrent writer wait for and then fail on the
+//!   earlier transaction), and its id is higher.
+//!
+//! # Pipeline
+//!
+//! Up to [`RelayConfig::pipeline_depth`] batches are in flight at once: the
+//! relay reads and enqueues the next batch (leaving out the rows in flight)
+//! while earlier ones await their delivery reports, and deletes acknowledged
+//! batches in the background. The producer keeps the order of everything
+//! enqueued, and the idempotent producer's gapless guarantee stops delivery
+//! after a failed message of a partition (message timeouts are outside that
+//! setting; for them the producer's per-partition sequence numbers keep the
+//! broker from accepting a later message without the earlier ones). A failed
+//! or refused row blocks its aggregate in every batch in flight; the relay
+//! then stops reading, settles the whole pipeline, backs off and starts again
+//! from the failed row. Deletes run with `synchronous_commit = off`: a delete
+//! lost in a server crash only publishes those rows again.
 //!
 //! Duplicates can also arise when a relay loses its lock session while it
-//! still has a batch in flight; each publisher's stream is still in order,
+//! still has batches in flight; each publisher's stream is still in order,
 //! so dedupe by (aggregate, sequence) on the consumer side restores exactly
 //! once.
 //!
 //! # Latency
 //!
 //! The store's outbox trigger issues one `NOTIFY tidings_outbox` per
-//! inserting statement (not per row); the relay `LISTEN`s and wakes at once,
-//! and polls every [`RelayConfig::poll_interval`] as a fallback. Under load it
-//! takes full batches and does not wait.
+//! inserting statement (not per row); the relay `LISTEN`s and reads at once,
+//! even while earlier batches await their acknowledgements, and polls every
+//! [`RelayConfig::poll_interval`] as a fallback. Under load it takes full
+//! batches and does not wait.
+//!
+//! Requires PostgreSQL 14 or later (the rows in flight are left out of each
+//! read with an `int8multirange`).
 
 mod lanes;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::fmt::Write as _;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
-use tokio::sync::watch;
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
+use crate::envelope::{
+    HEADER_AGGREGATE_TYPE, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_EVENT_VERSION,
+};
 use crate::error::{Error, Result};
 use crate::kafka::{KafkaConfig, TopicSpec, ensure_topics};
 use lanes::Lanes;
@@ -75,6 +93,9 @@ pub struct RelayConfig {
     pub kafka: KafkaConfig,
     /// Rows per batch (default 5000).
     pub batch_size: i64,
+    /// Batches handed to the producer and not yet acknowledged, at most
+    /// (default 4). Memory grows with `batch_size × pipeline_depth`.
+    pub pipeline_depth: usize,
     /// Fallback poll when no notification arrives (default 1 s).
     pub poll_interval: Duration,
     /// How long one message may take to be acknowledged before it counts
@@ -94,6 +115,7 @@ impl RelayConfig {
         RelayConfig {
             kafka,
             batch_size: 5000,
+            pipeline_depth: 4,
             poll_interval: Duration::from_secs(1),
             delivery_timeout: Duration::from_secs(30),
             rebalance_interval: Duration::from_secs(1),
@@ -105,6 +127,12 @@ impl RelayConfig {
     /// Sets [`RelayConfig::batch_size`].
     pub fn batch_size(mut self, rows: i64) -> Self {
         self.batch_size = rows.max(1);
+        self
+    }
+
+    /// Sets [`RelayConfig::pipeline_depth`] (at least 1).
+    pub fn pipeline_depth(mut self, batches: usize) -> Self {
+        self.pipeline_depth = batches.max(1);
         self
     }
 
@@ -155,30 +183,196 @@ struct Row {
     message_key: String,
     aggregate_type: String,
     aggregate_id: String,
-    headers: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
+    event_id: uuid::Uuid,
+    event_type: Option<String>,
+    event_version: Option<i32>,
+    /// Only on rows written before the header columns existed.
+    headers: Option<sqlx::types::Json<std::collections::BTreeMap<String, String>>>,
     envelope: String,
 }
+
+impl Row {
+    fn stream(&self) -> Stream {
+        (self.aggregate_type.clone(), self.aggregate_id.clone())
+    }
+
+    /// The message headers: the routing fields of the envelope.
+    fn headers(&self) -> OwnedHeaders {
+        let mut headers = OwnedHeaders::new_with_capacity(4);
+        if let (Some(event_type), Some(version)) = (&self.event_type, self.event_version) {
+            let version = version.to_string();
+            let id = self.event_id.hyphenated().to_string();
+            for (key, value) in [
+                (HEADER_EVENT_TYPE, event_type.as_str()),
+                (HEADER_EVENT_VERSION, version.as_str()),
+                (HEADER_EVENT_ID, id.as_str()),
+                (HEADER_AGGREGATE_TYPE, self.aggregate_type.as_str()),
+            ] {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
+        } else if let Some(stored) = &self.headers {
+            for (key, value) in stored.iter() {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
+        }
+        headers
+    }
+}
+
+/// An aggregate, as the relay tracks failures.
+type Stream = (String, String);
+
+/// A batch's delivery reports, by row: `None` when acknowledged, else why not.
+type Reports = Vec<Option<String>>;
+
+/// Collects delivery reports per batch. librdkafka calls back once per
+/// message with the message's ticket (batch start + row index); the batch's
+/// owner gets all its reports at once, when the last one arrives.
+#[derive(Default)]
+struct Tracker {
+    batches: std::sync::Mutex<std::collections::BTreeMap<usize, Progress>>,
+}
+
+struct Progress {
+    reports: Reports,
+    pending: usize,
+    done: Option<oneshot::Sender<Reports>>,
+}
+
+impl Tracker {
+    /// Registers a batch of `len` messages whose tickets start at `first`.
+    fn register(&self, first: usize, len: usize) -> oneshot::Receiver<Reports> {
+        let (done, receiver) = oneshot::channel();
+        let progress = Progress {
+            reports: vec![None; len],
+            pending: len,
+            done: Some(done),
+        };
+        self.lock().insert(first, progress);
+        receiver
+    }
+
+    /// Records one message's outcome.
+    fn complete(&self, ticket: usize, outcome: std::result::Result<(), String>) {
+        let mut batches = self.lock();
+        let Some((&first, progress)) = batches.range_mut(..=ticket).next_back() else {
+            return;
+        };
+        let Some(slot) = progress.reports.get_mut(ticket - first) else {
+            return;
+        };
+        *slot = outcome.err();
+        progress.pending -= 1;
+        if progress.pending == 0
+            && let Some(progress) = batches.remove(&first)
+            && let Some(done) = progress.done
+        {
+            let _ = done.send(progress.reports);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<usize, Progress>> {
+        self.batches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The relay producer's context: delivery reports go to the tracker.
+struct RelayContext {
+    tracker: Arc<Tracker>,
+}
+
+impl ClientContext for RelayContext {}
+
+impl ProducerContext for RelayContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, ticket: usize) {
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((error, _)) => Err(error.to_string()),
+        };
+        self.tracker.complete(ticket, outcome);
+    }
+}
+
+type RelayProducer = ThreadedProducer<RelayContext>;
 
 /// A relay: claims outbox rows by lane, publishes them, deletes what the
 /// broker acknowledged. Run it with [`Relay::run`].
 pub struct Relay {
     pool: PgPool,
+    /// Connections for deletes, with `synchronous_commit = off`.
+    deleter: PgPool,
     config: RelayConfig,
-    producer: FutureProducer,
+    producer: RelayProducer,
+    tracker: Arc<Tracker>,
+    /// The ticket of the next message handed to the producer.
+    next_ticket: usize,
     lanes: Lanes,
     known_topics: HashSet<String>,
     stats: Arc<RelayStats>,
-    /// The batch handed to the producer and not settled yet.
-    in_flight: Option<InFlight>,
-    /// Aggregates with a failed delivery in the batches being settled.
-    blocked: HashSet<(String, String)>,
+    /// Batches handed to the producer, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// Acknowledged rows being deleted in the background.
+    deleting: VecDeque<Deleting>,
+    /// The next batch, read while the last one is enqueued (only after a
+    /// full batch; dropped whenever the pipeline is settled or lanes change).
+    prefetch: Option<JoinHandle<Result<Vec<Row>>>>,
+    /// Aggregates with a refused or failed row in the batches in flight:
+    /// none of their later rows is deleted (nor enqueued) until the
+    /// pipeline has been settled.
+    blocked: HashSet<Stream>,
 }
 
 /// A batch handed to the producer, awaiting its delivery reports.
 struct InFlight {
     rows: Vec<Row>,
-    deliveries: Vec<Pending>,
+    reports: oneshot::Receiver<Reports>,
     started: Instant,
+}
+
+impl InFlight {
+    /// Waits for every report of the batch.
+    async fn reports(&mut self) -> Reports {
+        match (&mut self.reports).await {
+            Ok(reports) => reports,
+            Err(_) => {
+                vec![Some("the producer dropped the delivery reports".into()); self.rows.len()]
+            }
+        }
+    }
+}
+
+/// Acknowledged rows being deleted (they stay out of reads until the
+/// delete is collected).
+struct Deleting {
+    ids: Vec<i64>,
+    task: JoinHandle<Result<()>>,
+}
+
+/// Adds a settled batch's time from read to delete to the stats.
+fn record_latency(stats: &RelayStats, started: Instant) {
+    stats
+        .batch_micros
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+}
+
+/// What the relay does next.
+enum Step {
+    /// Read and enqueue a batch.
+    Read,
+    /// The oldest batch's delivery reports arrived.
+    Settle(Reports),
+    /// Nothing yet: look at the clock and the shutdown flag again.
+    Idle,
 }
 
 impl std::fmt::Debug for Relay {
@@ -190,7 +384,7 @@ impl std::fmt::Debug for Relay {
     }
 }
 
-fn producer(config: &RelayConfig) -> Result<FutureProducer> {
+fn producer(config: &RelayConfig, tracker: &Arc<Tracker>) -> Result<RelayProducer> {
     for key in ["enable.idempotence", "acks"] {
         if let Some(value) = config.kafka.properties.get(key) {
             let ok = match key {
@@ -220,25 +414,61 @@ fn producer(config: &RelayConfig) -> Result<FutureProducer> {
     if !config.kafka.properties.contains_key("linger.ms") {
         client.set("linger.ms", "5");
     }
-    client.create().map_err(|source| Error::Kafka {
-        context: "creating the relay's producer".into(),
-        source,
-    })
+    client
+        .create_with_context(RelayContext {
+            tracker: Arc::clone(tracker),
+        })
+        .map_err(|source| Error::Kafka {
+            context: "creating the relay's producer".into(),
+            source,
+        })
+}
+
+/// The ids as an `int8multirange` literal: `{[1,5001),[5003,5004)}`.
+fn multirange(ids: &mut [i64]) -> String {
+    ids.sort_unstable();
+    let mut text = String::from("{");
+    let mut i = 0;
+    while i < ids.len() {
+        let start = ids[i];
+        let mut end = start;
+        while i + 1 < ids.len() && ids[i + 1] <= end + 1 {
+            i += 1;
+            end = ids[i];
+        }
+        i += 1;
+        if text.len() > 1 {
+            text.push(',');
+        }
+        let _ = write!(text, "[{start},{})", end + 1);
+    }
+    text.push('}');
+    text
 }
 
 impl Relay {
     /// A relay on `pool` (which must have the tidings migrations).
     pub fn new(pool: PgPool, config: RelayConfig) -> Result<Self> {
-        let producer = producer(&config)?;
-        let lanes = Lanes::new((*pool.connect_options()).clone());
+        let tracker = Arc::new(Tracker::default());
+        let producer = producer(&config, &tracker)?;
+        let options = (*pool.connect_options()).clone();
+        let lanes = Lanes::new(options.clone());
+        let deleter = PgPoolOptions::new()
+            .max_connections(2)
+            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
         Ok(Relay {
             pool,
+            deleter,
             config,
             producer,
+            tracker,
+            next_ticket: 0,
             lanes,
             known_topics: HashSet::new(),
             stats: Arc::new(RelayStats::default()),
-            in_flight: None,
+            in_flight: VecDeque::new(),
+            deleting: VecDeque::new(),
+            prefetch: None,
             blocked: HashSet::new(),
         })
     }
@@ -248,56 +478,46 @@ impl Relay {
         Arc::clone(&self.stats)
     }
 
-    /// Runs until `shutdown` completes, then finishes the batch in flight
-    /// (waits for its delivery reports and deletes what was acknowledged),
+    /// Runs until `shutdown` completes, then settles the batches in flight
+    /// (waits for their delivery reports and deletes what was acknowledged),
     /// releases its lanes and returns. Database and broker failures are
     /// retried with backoff and reported through `tracing`; only
     /// configuration errors end the relay early.
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-        let (stop_tx, mut stop) = watch::channel(false);
+        let mut stopping = false;
         let shutdown = async move {
             shutdown.await;
-            let _ = stop_tx.send(true);
         };
         tokio::pin!(shutdown);
 
         let mut listener: Option<PgListener> = None;
         let mut last_rebalance: Option<Instant> = None;
         let mut failures: u32 = 0;
+        // Read without waiting for a notification: at the start, after a
+        // full batch, when lanes were taken and after a backoff.
+        let mut more = true;
         loop {
-            // Between batches, see whether shutdown was asked for (a batch
-            // in progress is never cancelled half-way).
-            if !*stop.borrow() {
-                let _ = futures::FutureExt::now_or_never(shutdown.as_mut());
+            if !stopping && futures::FutureExt::now_or_never(shutdown.as_mut()).is_some() {
+                stopping = true;
             }
-            if *stop.borrow() {
+            if stopping {
                 break;
+            }
+            if let Err(e) = self.reap_deletes(false).await {
+                failures += 1;
+                self.report(&e, failures);
             }
             // Own lanes.
             if last_rebalance.is_none_or(|t| t.elapsed() >= self.config.rebalance_interval) {
-                // Lanes change hands only with nothing in flight.
-                if let Some(batch) = self.in_flight.take() {
-                    match self.settle(batch).await {
-                        Ok(0) => {}
-                        Ok(_) => failures += 1,
-                        Err(e) => {
-                            failures += 1;
-                            self.report(&e, failures);
-                        }
-                    }
-                    self.blocked.clear();
-                }
-                match self.lanes.rebalance().await {
-                    Ok(()) => {
+                match self.rebalance().await {
+                    Ok(changed) => {
                         last_rebalance = Some(Instant::now());
-                        self.stats
-                            .lanes
-                            .store(self.lanes.owned().len() as u64, Ordering::Relaxed);
+                        more |= changed;
                     }
                     Err(e) => {
                         failures += 1;
                         self.report(&e, failures);
-                        self.pause(failures, &mut stop, &mut shutdown).await;
+                        stopping |= self.pause(failures, &mut shutdown).await;
                         continue;
                     }
                 }
@@ -306,33 +526,75 @@ impl Relay {
                 listener = self.listen().await;
             }
 
-            let result = tracing::Instrument::instrument(
-                self.relay_batch(),
-                tracing::debug_span!("tidings.relay.batch"),
-            )
-            .await;
+            let can_read =
+                self.in_flight.len() < self.config.pipeline_depth && !self.lanes.is_empty();
+            let next_rebalance = last_rebalance
+                .map_or(Duration::ZERO, |t| {
+                    self.config.rebalance_interval.saturating_sub(t.elapsed())
+                })
+                .max(Duration::from_millis(1));
+            let poll = self.config.poll_interval;
+            let step = {
+                let front = self.in_flight.front_mut();
+                tokio::select! {
+                    biased;
+                    reports = async {
+                        match front {
+                            Some(batch) => batch.reports().await,
+                            None => std::future::pending().await,
+                        }
+                    } => Step::Settle(reports),
+                    () = std::future::ready(()), if can_read && more => Step::Read,
+                    () = shutdown.as_mut() => {
+                        stopping = true;
+                        Step::Idle
+                    }
+                    notified = wait_notification(&mut listener), if can_read => {
+                        if !notified {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Step::Read
+                    }
+                    () = tokio::time::sleep(poll), if can_read => Step::Read,
+                    () = tokio::time::sleep(next_rebalance) => Step::Idle,
+                }
+            };
+            let result = match step {
+                Step::Idle => continue,
+                Step::Read => tracing::Instrument::instrument(
+                    self.read_and_enqueue(),
+                    tracing::debug_span!("tidings.relay.batch"),
+                )
+                .await
+                .map(|full| {
+                    more = full;
+                    0
+                }),
+                Step::Settle(reports) => {
+                    let batch = self.in_flight.pop_front().expect("the front batch settled");
+                    self.settle(batch, reports).await
+                }
+            };
             match result {
-                Ok(outcome) => {
-                    if outcome.failed > 0 {
-                        failures += 1;
-                        self.pause(failures, &mut stop, &mut shutdown).await;
-                    } else {
+                Ok(0) => {
+                    if self.in_flight.is_empty() {
+                        self.blocked.clear();
                         failures = 0;
                     }
-                    if outcome.rows < self.config.batch_size as usize && outcome.failed == 0 {
-                        // Idle: wait for a commit, the poll interval, or shutdown.
-                        let poll = self
-                            .config
-                            .poll_interval
-                            .min(self.config.rebalance_interval);
-                        tokio::select! {
-                            () = &mut shutdown => {}
-                            notified = wait_notification(&mut listener) => {
-                                if !notified { tokio::time::sleep(Duration::from_millis(50)).await; }
-                            }
-                            () = tokio::time::sleep(poll) => {}
-                        }
+                }
+                Ok(_failed) => {
+                    // Start again from the failed rows, in order: settle
+                    // everything in flight, then back off.
+                    failures += 1;
+                    if let Err(e) = self.drain().await {
+                        self.report(&e, failures);
                     }
+                    if let Err(e) = self.renew_producer_if_fatal() {
+                        self.finish().await;
+                        return Err(e);
+                    }
+                    stopping |= self.pause(failures, &mut shutdown).await;
+                    more = true;
                 }
                 Err(e) => {
                     failures += 1;
@@ -342,7 +604,11 @@ impl Relay {
                         return Err(e);
                     }
                     listener = None;
-                    self.pause(failures, &mut stop, &mut shutdown).await;
+                    if let Err(e) = self.drain().await {
+                        self.report(&e, failures);
+                    }
+                    stopping |= self.pause(failures, &mut shutdown).await;
+                    more = true;
                 }
             }
         }
@@ -350,11 +616,53 @@ impl Relay {
         Ok(())
     }
 
+    /// Takes lanes up to the fair share; giving lanes back first settles
+    /// everything in flight, so that no row of a lane another relay may
+    /// take is still on its way. Returns whether the lanes changed.
+    async fn rebalance(&mut self) -> Result<bool> {
+        let before = self.lanes.owned();
+        let idle = self.in_flight.is_empty() && self.deleting.is_empty();
+        let mut result = self.lanes.rebalance(idle).await;
+        if let Ok(true) = result {
+            self.drain().await?;
+            result = self.lanes.rebalance(true).await;
+        }
+        let changed = self.lanes.owned() != before;
+        if changed {
+            self.drop_prefetch();
+        }
+        self.stats
+            .lanes
+            .store(self.lanes.owned().len() as u64, Ordering::Relaxed);
+        result.map(|_| changed)
+    }
+
+    fn drop_prefetch(&mut self) {
+        if let Some(task) = self.prefetch.take() {
+            task.abort();
+        }
+    }
+
+    /// Settles every batch in flight and waits for every delete.
+    async fn drain(&mut self) -> Result<()> {
+        self.drop_prefetch();
+        let mut outcome = Ok(());
+        while let Some(mut batch) = self.in_flight.pop_front() {
+            let reports = batch.reports().await;
+            if let Err(e) = self.settle(batch, reports).await {
+                outcome = Err(e);
+            }
+        }
+        self.blocked.clear();
+        if let Err(e) = self.reap_deletes(true).await {
+            outcome = Err(e);
+        }
+        outcome
+    }
+
     async fn finish(&mut self) {
-        if let Some(batch) = self.in_flight.take()
-            && let Err(error) = self.settle(batch).await
-        {
-            tracing::warn!(%error, "relay: settling the last batch; its rows will be published again");
+        if let Err(error) = self.drain().await {
+            tracing::warn!(%error, "relay: settling the last batches; their rows will be published again");
         }
         let _ = self.producer.flush(Duration::from_secs(10));
         self.lanes.release().await;
@@ -369,134 +677,119 @@ impl Relay {
         tracing::warn!(%error, failures, "relay: retrying after an error");
     }
 
+    /// Backs off; true when shutdown was asked for meanwhile.
     async fn pause(
-        &self,
+        &mut self,
         failures: u32,
-        stop: &mut watch::Receiver<bool>,
-        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-    ) {
+        shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+    ) -> bool {
         let base = Duration::from_millis(100).saturating_mul(1 << failures.min(10));
         let delay = base
             .min(self.config.max_backoff)
             .mul_f64(0.5 + fastrand::f64() / 2.0);
-        if *stop.borrow() {
-            return;
-        }
         tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.as_mut() => {}
+            () = tokio::time::sleep(delay) => false,
+            () = shutdown.as_mut() => true,
         }
     }
 
-    async fn listen(&self) -> Option<PgListener> {
+    async fn listen(&mut self) -> Option<PgListener> {
         let mut listener = PgListener::connect_with(&self.pool).await.ok()?;
         listener.listen(OUTBOX_CHANNEL).await.ok()?;
         Some(listener)
     }
 
-    /// One step: reads the next batch of the owned lanes in id order
-    /// (leaving out the batch in flight), enqueues it, then settles the
-    /// batch that was in flight. Under load one batch stays in flight while
-    /// the next is read and enqueued (the producer keeps their order); a
-    /// batch that is not full, or any failure, settles everything at once.
-    async fn relay_batch(&mut self) -> Result<BatchOutcome> {
-        let lanes = self.lanes.owned();
-        let rows: Vec<Row> = if lanes.is_empty() {
-            Vec::new()
-        } else {
-            let in_flight: Vec<i64> = self
-                .in_flight
-                .as_ref()
-                .map(|b| b.rows.iter().map(|r| r.id).collect())
-                .unwrap_or_default();
-            sqlx::query_as(
-                "SELECT id, topic, message_key, aggregate_type, aggregate_id, headers, envelope \
-                 FROM tidings_outbox WHERE lane = ANY($1) AND NOT (id = ANY($3)) ORDER BY id LIMIT $2",
-            )
-            .bind(&lanes)
-            .bind(self.config.batch_size)
-            .bind(&in_flight)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Error::db("reading the outbox"))?
-        };
-        let fetched = rows.len();
-        let full = fetched as i64 == self.config.batch_size;
-        if !rows.is_empty() {
-            self.ensure_topics(&rows).await?;
-        }
-        let previous = self.in_flight.take();
-        if !rows.is_empty() {
-            self.in_flight = Some(self.enqueue(rows).await);
-        }
-        let mut failed = 0;
-        if let Some(previous) = previous {
-            failed += self.settle(previous).await?;
-        }
-        if (!full || failed > 0)
-            && let Some(batch) = self.in_flight.take()
-        {
-            failed += self.settle(batch).await?;
-        }
-        if self.in_flight.is_none() {
-            self.blocked.clear();
-        }
-        if failed > 0
-            && let Some((code, reason)) = self.producer.client().fatal_error()
-        {
+    fn renew_producer_if_fatal(&mut self) -> Result<()> {
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
             tracing::warn!(
                 ?code,
                 reason,
                 "relay: the producer stopped on a fatal error; starting a fresh one"
             );
-            self.producer = producer(&self.config)?;
+            self.producer = producer(&self.config, &self.tracker)?;
         }
-        Ok(BatchOutcome {
-            rows: fetched,
-            failed,
-        })
+        Ok(())
+    }
+
+    /// The rows in flight or being deleted, and `more`, as an
+    /// `int8multirange` literal.
+    fn busy(&self, more: &[Row]) -> String {
+        let mut ids: Vec<i64> = self
+            .in_flight
+            .iter()
+            .flat_map(|b| b.rows.iter().map(|r| r.id))
+            .chain(self.deleting.iter().flat_map(|d| d.ids.iter().copied()))
+            .chain(more.iter().map(|r| r.id))
+            .collect();
+        multirange(&mut ids)
+    }
+
+    /// Takes the next batch of the owned lanes in id order (read ahead, or
+    /// read now) and hands it to the producer; after a full batch, starts
+    /// reading the one after it. Returns whether the batch was full.
+    async fn read_and_enqueue(&mut self) -> Result<bool> {
+        let lanes = self.lanes.owned();
+        if lanes.is_empty() {
+            self.drop_prefetch();
+            return Ok(false);
+        }
+        let size = self.config.batch_size;
+        let rows = match self.prefetch.take() {
+            Some(task) => task.await.map_err(|e| {
+                Error::db("reading the outbox")(sqlx::Error::Protocol(format!(
+                    "the read task failed: {e}"
+                )))
+            })??,
+            None => read_rows(self.pool.clone(), lanes.clone(), size, self.busy(&[])).await?,
+        };
+        let full = rows.len() as i64 == size;
+        if full {
+            let busy = self.busy(&rows);
+            self.prefetch = Some(tokio::spawn(read_rows(
+                self.pool.clone(),
+                lanes,
+                size,
+                busy,
+            )));
+        }
+        if !rows.is_empty() {
+            self.ensure_topics(&rows).await?;
+            let batch = self.enqueue(rows).await;
+            self.in_flight.push_back(batch);
+        }
+        Ok(full)
     }
 
     /// Hands rows to the producer in id order; a full producer queue is
-    /// waited out, never skipped.
-    async fn enqueue(&self, rows: Vec<Row>) -> InFlight {
+    /// waited out, never skipped. A refused row blocks its aggregate.
+    async fn enqueue(&mut self, rows: Vec<Row>) -> InFlight {
         let started = Instant::now();
-        let mut deliveries = Vec::with_capacity(rows.len());
-        let mut refused: HashSet<(&str, &str)> = HashSet::new();
-        for row in &rows {
-            let stream = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
-            if refused.contains(&stream)
-                || self
-                    .blocked
-                    .contains(&(stream.0.to_owned(), stream.1.to_owned()))
-            {
-                deliveries.push(Pending::Held);
+        let first = self.next_ticket;
+        self.next_ticket = self.next_ticket.wrapping_add(rows.len());
+        let reports = self.tracker.register(first, rows.len());
+        for (index, row) in rows.iter().enumerate() {
+            let ticket = first + index;
+            if !self.blocked.is_empty() && self.blocked.contains(&row.stream()) {
+                self.tracker.complete(
+                    ticket,
+                    Err("held behind a refused or failed row of its aggregate".into()),
+                );
                 continue;
             }
-            let mut headers = OwnedHeaders::new_with_capacity(row.headers.len());
-            for (key, value) in row.headers.iter() {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value.as_bytes()),
-                });
-            }
-            let mut record = FutureRecord::to(&row.topic)
+            let mut record = BaseRecord::with_opaque_to(&row.topic, ticket)
                 .key(row.message_key.as_str())
                 .payload(row.envelope.as_str())
-                .headers(headers);
+                .headers(row.headers());
             loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        deliveries.push(Pending::Sent(delivery));
-                        break;
-                    }
+                match self.producer.send(record) {
+                    Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((error, _)) => {
-                        deliveries.push(Pending::Refused(error));
-                        refused.insert(stream);
+                        self.tracker.complete(ticket, Err(error.to_string()));
+                        self.blocked.insert(row.stream());
                         break;
                     }
                 }
@@ -504,25 +797,25 @@ impl Relay {
         }
         InFlight {
             rows,
-            deliveries,
+            reports,
             started,
         }
     }
 
-    /// Waits for every report of a batch, then deletes the acknowledged rows,
-    /// keeping each failed row and every later row of its aggregate, in this
-    /// batch and in the one after it. Returns the number of failed deliveries.
-    async fn settle(&mut self, batch: InFlight) -> Result<usize> {
-        let reports =
-            futures::future::join_all(batch.deliveries.into_iter().map(Pending::report)).await;
+    /// Takes a batch's delivery reports: deletes the acknowledged rows in
+    /// the background, keeping each failed row and every later row of its
+    /// aggregate, in this batch and those after it. Returns the number of
+    /// failed deliveries.
+    async fn settle(&mut self, batch: InFlight, reports: Reports) -> Result<usize> {
         let mut acknowledged = Vec::with_capacity(batch.rows.len());
         let mut failed = 0usize;
         for (row, report) in batch.rows.iter().zip(reports) {
-            let stream = (row.aggregate_type.clone(), row.aggregate_id.clone());
-            if report.is_ok() && !self.blocked.contains(&stream) {
+            if report.is_none()
+                && (self.blocked.is_empty() || !self.blocked.contains(&row.stream()))
+            {
                 acknowledged.push(row.id);
             } else {
-                if let Err(why) = report {
+                if let Some(why) = report {
                     failed += 1;
                     if failed == 1 {
                         tracing::warn!(
@@ -533,15 +826,9 @@ impl Relay {
                         );
                     }
                 }
-                self.blocked.insert(stream);
+                self.blocked.insert(row.stream());
             }
         }
-        if !acknowledged.is_empty() {
-            delete_rows(&self.pool, &acknowledged).await?;
-        }
-        self.stats
-            .published
-            .fetch_add(acknowledged.len() as u64, Ordering::Relaxed);
         self.stats
             .failed
             .fetch_add(failed as u64, Ordering::Relaxed);
@@ -549,11 +836,55 @@ impl Relay {
         self.stats
             .batch_rows
             .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
-        self.stats.batch_micros.fetch_add(
-            batch.started.elapsed().as_micros() as u64,
-            Ordering::Relaxed,
-        );
+        if !acknowledged.is_empty() {
+            // At most two deletes at a time: wait for the oldest first.
+            if self.deleting.len() >= 2 {
+                let oldest = self.deleting.pop_front().expect("two deletes");
+                self.finish_delete(oldest).await?;
+            }
+            let pool = self.deleter.clone();
+            let ids = acknowledged.clone();
+            let stats = Arc::clone(&self.stats);
+            let started = batch.started;
+            self.deleting.push_back(Deleting {
+                ids: acknowledged,
+                task: tokio::spawn(async move {
+                    delete_rows(&pool, &ids).await?;
+                    stats
+                        .published
+                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    record_latency(&stats, started);
+                    Ok(())
+                }),
+            });
+        } else {
+            record_latency(&self.stats, batch.started);
+        }
         Ok(failed)
+    }
+
+    /// Collects finished deletes (all of them with `wait`).
+    async fn reap_deletes(&mut self, wait: bool) -> Result<()> {
+        let mut outcome = Ok(());
+        while let Some(front) = self.deleting.front() {
+            if !wait && !front.task.is_finished() {
+                break;
+            }
+            let done = self.deleting.pop_front().expect("a front delete");
+            if let Err(e) = self.finish_delete(done).await {
+                outcome = Err(e);
+            }
+        }
+        outcome
+    }
+
+    async fn finish_delete(&mut self, delete: Deleting) -> Result<()> {
+        match delete.task.await {
+            Ok(result) => result,
+            Err(e) => Err(Error::db("deleting published outbox rows")(
+                sqlx::Error::Protocol(format!("the delete task failed: {e}")),
+            )),
+        }
     }
 
     async fn ensure_topics(&mut self, rows: &[Row]) -> Result<()> {
@@ -572,6 +903,23 @@ impl Relay {
         self.known_topics.extend(missing);
         Ok(())
     }
+}
+
+/// Reads up to `size` rows of `lanes` in id order, leaving out `busy` (an
+/// `int8multirange`, cast once per statement).
+async fn read_rows(pool: PgPool, lanes: Vec<i32>, size: i64, busy: String) -> Result<Vec<Row>> {
+    sqlx::query_as(
+        "SELECT id, topic, message_key, aggregate_type, aggregate_id, event_id, event_type, \
+         event_version, headers, envelope \
+         FROM tidings_outbox WHERE lane = ANY($1) AND NOT ((SELECT $3::int8multirange) @> id) \
+         ORDER BY id LIMIT $2",
+    )
+    .bind(&lanes)
+    .bind(size)
+    .bind(busy)
+    .fetch_all(&pool)
+    .await
+    .map_err(Error::db("reading the outbox"))
 }
 
 /// Deletes acknowledged rows. A failure here only means the rows will be
@@ -595,34 +943,6 @@ async fn delete_rows(pool: &PgPool, ids: &[i64]) -> Result<()> {
     }
 }
 
-/// A message handed to the producer, or refused at once.
-enum Pending {
-    Sent(rdkafka::producer::DeliveryFuture),
-    Refused(KafkaError),
-    /// Not handed to the producer: an earlier row of its aggregate was refused.
-    Held,
-}
-
-impl Pending {
-    async fn report(self) -> std::result::Result<(), String> {
-        match self {
-            Pending::Sent(delivery) => match delivery.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((error, _))) => Err(error.to_string()),
-                Err(_) => Err("the producer dropped the delivery report".into()),
-            },
-            Pending::Refused(error) => Err(error.to_string()),
-            Pending::Held => Err("held behind a refused row of its aggregate".into()),
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct BatchOutcome {
-    rows: usize,
-    failed: usize,
-}
-
 async fn wait_notification(listener: &mut Option<PgListener>) -> bool {
     match listener {
         Some(l) => match l.recv().await {
@@ -637,5 +957,21 @@ async fn wait_notification(listener: &mut Option<PgListener>) -> bool {
             }
         },
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::multirange;
+
+    #[test]
+    fn multirange_compresses_runs() {
+        assert_eq!(multirange(&mut []), "{}");
+        assert_eq!(multirange(&mut [5]), "{[5,6)}");
+        assert_eq!(
+            multirange(&mut [7, 1, 2, 3, 9, 8, 12]),
+            "{[1,4),[7,10),[12,13)}"
+        );
+        assert_eq!(multirange(&mut [4, 4, 5]), "{[4,6)}");
     }
 }

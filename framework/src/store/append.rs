@@ -49,11 +49,9 @@ WITH input AS (
     RETURNING 1
 ), outbox AS (
     INSERT INTO tidings_outbox
-        (lane, topic, message_key, aggregate_type, aggregate_id, sequence, event_id, headers, envelope)
-    SELECT $4, $3, $2, $1, $2, sequence, event_id,
-           jsonb_build_object('event_type', event_type, 'event_version', event_version::text,
-                              'event_id', event_id::text, 'aggregate_type', $1::text),
-           envelope
+        (lane, topic, message_key, aggregate_type, aggregate_id, sequence, event_id,
+         event_type, event_version, envelope)
+    SELECT $4, $3, $2, $1, $2, sequence, event_id, event_type, event_version, envelope
     FROM input ORDER BY ord
     RETURNING 1
 )
@@ -82,6 +80,7 @@ pub(crate) async fn append<E: Event>(
         )
     };
     let mut envelopes = Vec::with_capacity(events.len());
+    let mut wire = Vec::with_capacity(events.len());
     for (i, event) in events.iter().enumerate() {
         let sequence = expected_sequence + 1 + i as u64;
         let encoded =
@@ -90,7 +89,8 @@ pub(crate) async fn append<E: Event>(
                     context: format!("{}: encoding `{}`", what(), event.event_type()),
                     source,
                 })?;
-        let bytes = encoded.to_json().len();
+        let json = encoded.to_json();
+        let bytes = json.len();
         if bytes > MAX_ENVELOPE_BYTES {
             return Err(Error::EventTooLarge {
                 context: format!("{}: `{}`", what(), event.event_type()),
@@ -99,6 +99,7 @@ pub(crate) async fn append<E: Event>(
             });
         }
         envelopes.push(encoded);
+        wire.push(json);
     }
 
     let n = envelopes.len();
@@ -108,7 +109,6 @@ pub(crate) async fn append<E: Event>(
     let mut versions = Vec::with_capacity(n);
     let mut times = Vec::with_capacity(n);
     let mut payloads = Vec::with_capacity(n);
-    let mut wire = Vec::with_capacity(n);
     for envelope in &envelopes {
         ids.push(envelope.event_id);
         sequences.push(envelope.sequence as i64);
@@ -116,7 +116,6 @@ pub(crate) async fn append<E: Event>(
         versions.push(envelope.event_version as i32);
         times.push(envelope.timestamp);
         payloads.push(envelope.payload.to_string());
-        wire.push(envelope.to_json());
     }
     let metadata = serde_json::to_string(&context.metadata).expect("a string map serializes");
 

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -204,8 +205,8 @@ async fn append_raw(
                     .map_err(|e| e.to_string())?;
                     sqlx::query(
                         "INSERT INTO tidings_outbox (lane, topic, message_key, aggregate_type, aggregate_id, sequence, \
-                         event_id, headers, envelope) \
-                         SELECT 0, 'counter', $1, 'counter', $1, s, e, '{}'::jsonb, p FROM UNNEST($2::uuid[], $3::bigint[], $4::text[]) AS t(e, s, p)",
+                         event_id, event_type, event_version, envelope) \
+                         SELECT 0, 'counter', $1, 'counter', $1, s, e, 'Recorded', 1, p FROM UNNEST($2::uuid[], $3::bigint[], $4::text[]) AS t(e, s, p)",
                     )
                     .bind(&id)
                     .bind(&ids)
@@ -255,9 +256,9 @@ async fn fill_outbox(pool: &PgPool, topic: &str, n: usize) -> Result<(), BoxErro
         let event_ids: Vec<uuid::Uuid> = envelopes.iter().map(|e| e.event_id).collect();
         let wire: Vec<String> = envelopes.iter().map(RawEnvelope::to_json).collect();
         sqlx::query(
-            "INSERT INTO tidings_outbox (lane, topic, message_key, aggregate_type, aggregate_id, sequence, event_id, headers, envelope) \
-             SELECT l, $1, i, 'order', i, 1, e, jsonb_build_object('event_type', 'OrderCreated', 'event_version', '2', \
-             'event_id', e::text, 'aggregate_type', 'order'), w FROM UNNEST($2::int[], $3::text[], $4::uuid[], $5::text[]) AS t(l, i, e, w)",
+            "INSERT INTO tidings_outbox (lane, topic, message_key, aggregate_type, aggregate_id, sequence, event_id, \
+             event_type, event_version, envelope) \
+             SELECT l, $1, i, 'order', i, 1, e, 'OrderCreated', 2, w FROM UNNEST($2::int[], $3::text[], $4::uuid[], $5::text[]) AS t(l, i, e, w)",
         )
         .bind(topic)
         .bind(&lanes)
@@ -334,18 +335,29 @@ async fn raw_produce(topic: &str, n: usize) -> Result<f64, BoxError> {
         .set("acks", "all")
         .set("linger.ms", "5")
         .create()?;
-    let payloads: Vec<(String, String)> = (0..n)
+    // The same messages as the relay sends: key, envelope and headers.
+    let messages: Vec<(String, String, OwnedHeaders)> = (0..n)
         .map(order_envelope)
-        .map(|e| (e.aggregate_id.clone(), e.to_json()))
+        .map(|e| {
+            let mut headers = OwnedHeaders::new_with_capacity(4);
+            for (key, value) in e.headers() {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            (e.aggregate_id.clone(), e.to_json(), headers)
+        })
         .collect();
     let started = Instant::now();
     let mut pending = Vec::with_capacity(n);
-    for (key, value) in &payloads {
+    for (key, value, headers) in &messages {
         loop {
             match producer.send_result(
                 FutureRecord::to(topic)
                     .key(key.as_str())
-                    .payload(value.as_str()),
+                    .payload(value.as_str())
+                    .headers(headers.clone()),
             ) {
                 Ok(delivery) => {
                     pending.push(delivery);
