@@ -95,16 +95,23 @@ const LOCK_STREAMS: &str = "WITH locked AS ( \
     ON CONFLICT (projection, aggregate_type, aggregate_id) \
     DO UPDATE SET last_sequence = tidings_projection_streams.last_sequence \
     RETURNING aggregate_type, aggregate_id, last_sequence) \
-    SELECT l.aggregate_type, l.aggregate_id, l.last_sequence, EXISTS ( \
-    SELECT 1 FROM tidings_parked p WHERE p.projection = $1 \
-    AND p.aggregate_type = l.aggregate_type AND p.aggregate_id = l.aggregate_id) \
+    SELECT l.aggregate_type, l.aggregate_id, l.last_sequence, coalesce(( \
+    SELECT true FROM tidings_parked p WHERE p.projection = $1 \
+    AND p.aggregate_type = l.aggregate_type AND p.aggregate_id = l.aggregate_id LIMIT 1), false) \
     FROM locked l";
 
 /// Saves the batch's stream positions and its checkpoint, in one round trip.
+///
+/// Both statements that touch the batch's streams reach each stream row
+/// through its key whatever the plan (an upsert's arbiter index, a scalar
+/// subquery with LIMIT), so that a generic plan cached while the tables
+/// were small (a hash join over every stream of the projection) cannot
+/// slow the runner down as they grow.
 const SAVE_POSITIONS: &str = "WITH streams AS ( \
-    UPDATE tidings_projection_streams s SET last_sequence = u.seq \
-    FROM UNNEST($5::text[], $6::text[], $7::bigint[]) AS u(t, i, seq) \
-    WHERE s.projection = $1 AND s.aggregate_type = u.t AND s.aggregate_id = u.i) \
+    INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
+    SELECT $1, t, i, seq FROM UNNEST($5::text[], $6::text[], $7::bigint[]) AS u(t, i, seq) \
+    ON CONFLICT (projection, aggregate_type, aggregate_id) \
+    DO UPDATE SET last_sequence = EXCLUDED.last_sequence) \
     UPDATE tidings_checkpoints SET next_offset = $4, updated_at = now() \
     WHERE projection = $1 AND topic = $2 AND partition = $3";
 

@@ -418,6 +418,41 @@ async fn raw_replay(pool: &PgPool, topic: &str, n: usize) -> Result<f64, BoxErro
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
+/// p50 and p99 of commit → produced and of produced → applied, in ms, over
+/// the end-to-end run's events.
+async fn e2e_legs(pool: &PgPool, topic: &str, total: usize) -> Result<[f64; 4], BoxError> {
+    let consumer: StreamConsumer = kafka_config()
+        .set("group.id", unique("bench_legs"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut ids = Vec::with_capacity(total);
+    let mut produced = Vec::with_capacity(total);
+    while ids.len() < total {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await??;
+        let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+        if let (true, Some(ms)) = (key.starts_with("E2E-"), message.timestamp().to_millis()) {
+            ids.push(key);
+            produced.push(ms);
+        }
+    }
+    let legs: (f64, f64, f64, f64) = sqlx::query_as(
+        "WITH p AS (SELECT * FROM UNNEST($1::text[], $2::bigint[]) AS p(id, ms)), \
+         l AS (SELECT p.ms - EXTRACT(EPOCH FROM e.recorded_at) * 1000 AS relay, \
+                      EXTRACT(EPOCH FROM s.applied_at) * 1000 - p.ms AS runner \
+               FROM p JOIN tidings_events e ON e.aggregate_id = p.id AND e.sequence = 1 \
+               JOIN order_summary s ON s.order_id = p.id) \
+         SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY relay), percentile_cont(0.99) WITHIN GROUP (ORDER BY relay), \
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY runner), percentile_cont(0.99) WITHIN GROUP (ORDER BY runner) FROM l",
+    )
+    .bind(&ids)
+    .bind(&produced)
+    .fetch_one(pool)
+    .await?;
+    Ok([legs.0, legs.1, legs.2, legs.3])
+}
+
 /// Rows in the order summary read model (one per order applied).
 async fn summary_rows(pool: &PgPool) -> Result<i64, BoxError> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM order_summary")
@@ -569,6 +604,14 @@ async fn main() -> Result<(), BoxError> {
             .await?;
             eprintln!(
                 "e2e at {offered:.0} commands/s: p50 {p50:.1} ms, p95 {p95:.1} ms, p99 {p99:.1} ms"
+            );
+            // Where the time goes: the message timestamp (set by the relay's
+            // producer) splits each event's latency into the relay's leg and
+            // the runner's.
+            let legs = e2e_legs(&pool, &topic, total).await?;
+            eprintln!(
+                "e2e legs (p50/p99): commit to produced {:.1}/{:.1} ms, produced to applied {:.1}/{:.1} ms",
+                legs[0], legs[1], legs[2], legs[3]
             );
             for (name, v) in [("p50", p50), ("p95", p95), ("p99", p99)] {
                 figures.push(Figure {
