@@ -379,12 +379,7 @@ async fn raw_replay(pool: &PgPool, topic: &str, n: usize) -> Result<f64, BoxErro
          currency TEXT NOT NULL, status TEXT NOT NULL, payment_id TEXT, events_applied INTEGER NOT NULL)",
     )
     .await?;
-    let consumer: StreamConsumer = kafka_config()
-        .set("group.id", unique("bench_raw"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    consumer.subscribe(&[topic])?;
+    let consumer = from_the_start("bench_raw", topic)?;
     let started = Instant::now();
     let mut done = 0;
     let mut batch = Vec::with_capacity(500);
@@ -418,15 +413,21 @@ async fn raw_replay(pool: &PgPool, topic: &str, n: usize) -> Result<f64, BoxErro
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
-/// p50 and p99 of commit → produced and of produced → applied, in ms, over
-/// the end-to-end run's events.
-async fn e2e_legs(pool: &PgPool, topic: &str, total: usize) -> Result<[f64; 4], BoxError> {
+/// A consumer in a fresh group reading `topic` from its first message.
+fn from_the_start(group: &str, topic: &str) -> Result<StreamConsumer, BoxError> {
     let consumer: StreamConsumer = kafka_config()
-        .set("group.id", unique("bench_legs"))
+        .set("group.id", unique(group))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()?;
     consumer.subscribe(&[topic])?;
+    Ok(consumer)
+}
+
+/// p50 and p99 of commit → produced and of produced → applied, in ms, over
+/// the end-to-end run's events.
+async fn e2e_legs(pool: &PgPool, topic: &str, total: usize) -> Result<[f64; 4], BoxError> {
+    let consumer = from_the_start("bench_legs", topic)?;
     let mut ids = Vec::with_capacity(total);
     let mut produced = Vec::with_capacity(total);
     while ids.len() < total {
