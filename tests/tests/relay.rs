@@ -437,3 +437,64 @@ async fn a_broker_stopped_and_restarted_mid_run_loses_nothing() {
         "the stop happened mid-run"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_written_before_the_header_columns_keep_their_headers() {
+    let db = TestDb::new().await;
+    let store = prefixed_store(&db);
+    let topic = store.topic_of::<Order>();
+    // One row as an older version wrote it (headers as JSONB, no header
+    // columns), then one as this version writes it, of the same aggregate.
+    let old = tidings::RawEnvelope::from_event(
+        "order",
+        "ORD-OLD",
+        1,
+        &tidings_examples::orders::OrderEvent::OrderCancelled {
+            reason: "written before migration 0003".into(),
+        },
+        &EventContext::new(),
+    )
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO tidings_outbox (lane, topic, message_key, aggregate_type, aggregate_id, sequence, event_id, headers, envelope) \
+         VALUES ($1, $2, 'ORD-OLD', 'order', 'ORD-OLD', 1, $3, $4, $5)",
+    )
+    .bind(tidings::store::lane_of("order", "ORD-OLD"))
+    .bind(&topic)
+    .bind(old.event_id)
+    .bind(sqlx::types::Json(BTreeMap::from([
+        ("event_type", old.event_type.clone()),
+        ("event_version", old.event_version.to_string()),
+        ("event_id", old.event_id.to_string()),
+        ("aggregate_type", "order".to_owned()),
+        ("written_by", "an older version".to_owned()),
+    ])))
+    .bind(old.to_json())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    store
+        .execute::<Order>("ORD-NEW", create("ORD-NEW"))
+        .await
+        .unwrap();
+
+    let (stop, relay) = spawn_relay(&db, relay_config());
+    wait_outbox_empty(&db, Duration::from_secs(30)).await;
+    let received = consume(&topic, 2, Duration::from_secs(1), Duration::from_secs(30)).await;
+    let headers = |key: &str| -> BTreeMap<String, String> {
+        let message = received.iter().find(|m| m.key == key).expect(key);
+        message.headers.iter().cloned().collect()
+    };
+    let older = headers("ORD-OLD");
+    assert_eq!(
+        older["written_by"], "an older version",
+        "stored headers, as stored"
+    );
+    assert_eq!(older["event_id"], old.event_id.to_string());
+    let newer = headers("ORD-NEW");
+    assert_eq!(newer["event_type"], "OrderCreated");
+    assert_eq!(newer["aggregate_type"], "order");
+    assert_eq!(newer.len(), 4, "{newer:?}");
+    stop.send(()).unwrap();
+    relay.await.unwrap().unwrap();
+}
