@@ -308,6 +308,41 @@ fn build_dir() -> std::path::PathBuf {
     }
 }
 
+/// A child process that is killed (SIGKILL) and reaped when dropped, so that
+/// a failing test or benchmark leaves no relay or runner running behind it.
+/// Dereferences to the [`std::process::Child`].
+#[derive(Debug)]
+pub struct Spawned(std::process::Child);
+
+impl From<std::process::Child> for Spawned {
+    fn from(child: std::process::Child) -> Self {
+        Spawned(child)
+    }
+}
+
+impl std::ops::Deref for Spawned {
+    type Target = std::process::Child;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Path of the `tidings` binary built alongside the tests.
 pub fn tidings_bin() -> std::path::PathBuf {
     if let Some(path) = option_env!("CARGO_BIN_EXE_tidings") {

@@ -73,6 +73,7 @@ async fn the_relay_killed_repeatedly_while_commands_stream_in() {
             .env("KAFKA_BROKERS", brokers())
             .env("RUST_LOG", "error")
             .spawn()
+            .map(tidings_tests::Spawned::from)
             .unwrap()
     };
     let writer = {

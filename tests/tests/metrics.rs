@@ -151,6 +151,7 @@ async fn the_relay_binary_serves_health_and_metrics() {
         .env("KAFKA_BROKERS", brokers())
         .env("RUST_LOG", "warn")
         .spawn()
+        .map(tidings_tests::Spawned::from)
         .unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let started = Instant::now();

@@ -581,6 +581,7 @@ async fn two_instances_share_the_partitions_and_a_killed_one_loses_and_repeats_n
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
+            .map(tidings_tests::Spawned::from)
             .expect("spawning the orders example")
     };
     let mut steady = spawn("steady");

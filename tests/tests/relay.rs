@@ -307,6 +307,7 @@ async fn relay_processes_killed_mid_batch_lose_nothing() {
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()
+            .map(tidings_tests::Spawned::from)
             .expect("spawning tidings relay")
     };
     let writer = {

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgPool};
 use tidings::{Aggregate, Event, EventContext, RawEnvelope, Store};
-use tidings_tests::{database_url, example_bin, kafka_config, tidings_bin, unique};
+use tidings_tests::{Spawned, database_url, example_bin, kafka_config, tidings_bin, unique};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -287,7 +287,7 @@ fn peak_rss_mb(child: &Child) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn spawn(bin: PathBuf, args: &[&str], prefix: &str) -> Result<Child, BoxError> {
+fn spawn(bin: PathBuf, args: &[&str], prefix: &str) -> Result<Spawned, BoxError> {
     Ok(Command::new(bin)
         .args(args)
         .env("DATABASE_URL", db_url())
@@ -295,10 +295,12 @@ fn spawn(bin: PathBuf, args: &[&str], prefix: &str) -> Result<Child, BoxError> {
         .env("TIDINGS_TOPIC_PREFIX", prefix)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .spawn()?)
+        .spawn()?
+        .into())
 }
 
-fn stop(mut child: Child) {
+/// Asks the child to stop (SIGTERM), killing it after 10 s.
+fn stop(mut child: Spawned) {
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
