@@ -81,24 +81,30 @@ fn stream_of(message: &Message) -> Stream {
 fn clean(text: &str) -> String {
     text.replace('\0', "\u{FFFD}")
 }
-const CHECKPOINT: &str = "WITH g AS (SELECT generation FROM tidings_projections WHERE name = $1 FOR SHARE) \
+
+/// In one round trip: locks the projection's generation (shared) and the
+/// partition's checkpoint, returning its next offset, and only when this
+/// instance's generation is current; then locks the streams of the batch
+/// (creating their rows) and reads their last sequences and whether they
+/// are parked. No row: the generation was replaced.
+const BEGIN_BATCH: &str = "WITH g AS ( \
+    SELECT generation FROM tidings_projections WHERE name = $1 FOR SHARE), \
+    c AS ( \
     INSERT INTO tidings_checkpoints (projection, topic, partition, next_offset) \
     SELECT $1, $2, $3, 0 FROM g WHERE g.generation = $4 \
     ON CONFLICT (projection, topic, partition) DO UPDATE SET next_offset = tidings_checkpoints.next_offset \
-    RETURNING next_offset";
-
-/// Locks the streams of a batch (creating their rows) and reads their last
-/// sequences and whether they are parked, in one round trip.
-const LOCK_STREAMS: &str = "WITH locked AS ( \
+    RETURNING next_offset), \
+    locked AS ( \
     INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
-    SELECT $1, t, i, 0 FROM UNNEST($2::text[], $3::text[]) AS s(t, i) ORDER BY t, i \
+    SELECT $1, t, i, 0 FROM UNNEST($5::text[], $6::text[]) AS s(t, i) \
+    WHERE EXISTS (SELECT 1 FROM c) ORDER BY t, i \
     ON CONFLICT (projection, aggregate_type, aggregate_id) \
     DO UPDATE SET last_sequence = tidings_projection_streams.last_sequence \
     RETURNING aggregate_type, aggregate_id, last_sequence) \
-    SELECT l.aggregate_type, l.aggregate_id, l.last_sequence, coalesce(( \
+    SELECT c.next_offset, l.aggregate_type, l.aggregate_id, l.last_sequence, coalesce(( \
     SELECT true FROM tidings_parked p WHERE p.projection = $1 \
     AND p.aggregate_type = l.aggregate_type AND p.aggregate_id = l.aggregate_id LIMIT 1), false) \
-    FROM locked l";
+    FROM c CROSS JOIN locked l";
 
 /// Saves the batch's stream positions and its checkpoint, in one round trip.
 ///
@@ -133,32 +139,8 @@ pub(crate) async fn apply_batch<P: Projection>(
     let db = |what: &str| Error::db(format!("projection {name}: {what}"));
     let mut tx = pool.begin().await.map_err(db("beginning a batch"))?;
 
-    let next_offset: Option<i64> = sqlx::query_scalar(CHECKPOINT)
-        .bind(name)
-        .bind(&first.topic)
-        .bind(first.partition)
-        .bind(generation)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db("locking the checkpoint"))?;
-    let Some(next_offset) = next_offset else {
-        return Err(Failure::Stale);
-    };
-    let fresh: Vec<&Message> = messages
-        .iter()
-        .filter(|m| m.offset >= next_offset)
-        .collect();
-    let mut outcome = Outcome {
-        skipped: (messages.len() - fresh.len()) as u64,
-        ..Outcome::default()
-    };
-    let Some(last) = fresh.last() else {
-        return Ok(outcome);
-    };
-    let new_next = last.offset + 1;
-
     // Decode everything first; a poison message is known by its offset.
-    let decoded: Vec<(Stream, Decoded<P::Event>)> = fresh
+    let decoded: Vec<(Stream, Decoded<P::Event>)> = messages
         .iter()
         .map(|m| {
             let raw = match m.value.as_deref() {
@@ -188,32 +170,52 @@ pub(crate) async fn apply_batch<P: Projection>(
         })
         .collect();
 
-    // Lock the streams of the batch (creating their rows), read their last
-    // sequences and whether they are parked.
+    // Lock the checkpoint and the streams of the batch (creating their
+    // rows), read the next offset, the streams' last sequences and whether
+    // they are parked.
     let mut keys: Vec<&Stream> = decoded.iter().map(|(s, _)| s).collect();
     keys.sort();
     keys.dedup();
     let types: Vec<&str> = keys.iter().map(|s| s.0.as_str()).collect();
     let ids: Vec<&str> = keys.iter().map(|s| s.1.as_str()).collect();
-    let rows: Vec<(String, String, i64, bool)> = sqlx::query_as(LOCK_STREAMS)
+    let rows: Vec<(i64, String, String, i64, bool)> = sqlx::query_as(BEGIN_BATCH)
         .bind(name)
+        .bind(&first.topic)
+        .bind(first.partition)
+        .bind(generation)
         .bind(&types)
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await
-        .map_err(db("locking streams"))?;
+        .map_err(db("locking the checkpoint and the streams"))?;
+    let Some(&(next_offset, ..)) = rows.first() else {
+        return Err(Failure::Stale);
+    };
     let mut last_sequence: HashMap<Stream, i64> = HashMap::with_capacity(rows.len());
     let mut blocked: HashSet<Stream> = HashSet::new();
-    for (kind, id, sequence, parked) in rows {
+    for (_, kind, id, sequence, parked) in rows {
         if parked {
             blocked.insert((kind.clone(), id.clone()));
         }
         last_sequence.insert((kind, id), sequence);
     }
+    let fresh: Vec<(&Message, &(Stream, Decoded<P::Event>))> = messages
+        .iter()
+        .zip(&decoded)
+        .filter(|(m, _)| m.offset >= next_offset)
+        .collect();
+    let mut outcome = Outcome {
+        skipped: (messages.len() - fresh.len()) as u64,
+        ..Outcome::default()
+    };
+    let Some(&(last, _)) = fresh.last() else {
+        return Ok(outcome);
+    };
+    let new_next = last.offset + 1;
 
     let mut changed: HashSet<Stream> = HashSet::new();
     let mut parked: Vec<(&Message, &Stream, Option<i64>, bool, String)> = Vec::new();
-    for (message, (stream, item)) in fresh.iter().zip(&decoded) {
+    for &(message, (stream, item)) in &fresh {
         if blocked.contains(stream) {
             let sequence = match item {
                 Decoded::Event(e) => Some(e.sequence as i64),
