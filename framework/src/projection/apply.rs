@@ -199,7 +199,7 @@ pub(crate) async fn apply_batch<P: Projection>(
         }
         last_sequence.insert((kind, id), sequence);
     }
-    let fresh: Vec<(&Message, &(Stream, Decoded<P::Event>))> = messages
+    let fresh: Vec<_> = messages
         .iter()
         .zip(&decoded)
         .filter(|(m, _)| m.offset >= next_offset)
