@@ -249,6 +249,11 @@ pub async fn consume_from(
                     offset: message.offset(),
                 });
             }
+            // The topic may not exist yet: the relay creates it with its
+            // first batch.
+            Ok(Err(rdkafka::error::KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+            ))) => tokio::time::sleep(Duration::from_millis(50)).await,
             Ok(Err(e)) => panic!("consuming {topic}: {e}"),
             Err(_) if out.len() >= at_least => return out,
             Err(_) => {}
