@@ -485,9 +485,6 @@ impl Relay {
     /// configuration errors end the relay early.
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let mut stopping = false;
-        let shutdown = async move {
-            shutdown.await;
-        };
         tokio::pin!(shutdown);
 
         let mut listener: Option<PgListener> = None;
@@ -735,11 +732,7 @@ impl Relay {
         }
         let size = self.config.batch_size;
         let rows = match self.prefetch.take() {
-            Some(task) => task.await.map_err(|e| {
-                Error::db("reading the outbox")(sqlx::Error::Protocol(format!(
-                    "the read task failed: {e}"
-                )))
-            })??,
+            Some(task) => joined(task, "reading the outbox").await?,
             None => read_rows(self.pool.clone(), lanes.clone(), size, self.busy(&[])).await?,
         };
         let full = rows.len() as i64 == size;
@@ -879,12 +872,7 @@ impl Relay {
     }
 
     async fn finish_delete(&mut self, delete: Deleting) -> Result<()> {
-        match delete.task.await {
-            Ok(result) => result,
-            Err(e) => Err(Error::db("deleting published outbox rows")(
-                sqlx::Error::Protocol(format!("the delete task failed: {e}")),
-            )),
-        }
+        joined(delete.task, "deleting published outbox rows").await
     }
 
     async fn ensure_topics(&mut self, rows: &[Row]) -> Result<()> {
@@ -903,6 +891,16 @@ impl Relay {
         self.known_topics.extend(missing);
         Ok(())
     }
+}
+
+/// The result of a background database task; a task that panicked is a
+/// database error of `what`.
+async fn joined<T>(task: JoinHandle<Result<T>>, what: &str) -> Result<T> {
+    task.await.unwrap_or_else(|e| {
+        Err(Error::db(what)(sqlx::Error::Protocol(format!(
+            "the task failed: {e}"
+        ))))
+    })
 }
 
 /// Reads up to `size` rows of `lanes` in id order, leaving out `busy` (an
