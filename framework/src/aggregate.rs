@@ -20,7 +20,7 @@ use crate::event::Event;
 /// #[derive(Debug, Clone, PartialEq, Event)]
 /// enum CounterEvent { Incremented { by: u32 } }
 ///
-/// #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+/// #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 /// struct Counter { value: u32 }
 ///
 /// #[derive(Debug, thiserror::Error)]
@@ -43,7 +43,9 @@ use crate::event::Event;
 ///     }
 /// }
 /// ```
-pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync + 'static {
+pub trait Aggregate:
+    Clone + Default + Serialize + DeserializeOwned + Send + Sync + 'static
+{
     /// The aggregate type, stored with every event (`aggregate_type`), e.g. `order`.
     const TYPE: &'static str;
     /// Take a snapshot every this many events (0: never).

@@ -72,6 +72,17 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// An aggregate id that cannot be stored and published in order (empty,
+    /// or longer than `tidings::store::MAX_AGGREGATE_ID_BYTES`).
+    #[error("aggregate id {aggregate_id:?} of type `{aggregate_type}` is refused: {reason}")]
+    InvalidAggregateId {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// The id (its first 64 characters).
+        aggregate_id: String,
+        /// Why.
+        reason: String,
+    },
     /// An event could not be serialized.
     #[error("{context}: {source}")]
     Encode {
@@ -79,6 +90,15 @@ pub enum Error {
         context: String,
         /// Why.
         source: serde_json::Error,
+    },
+    /// A database or broker call got no answer in time (a server or a
+    /// network that went silent); retried like a lost connection.
+    #[error("{context}: no answer within {after:?}")]
+    Timeout {
+        /// What was being done.
+        context: String,
+        /// The limit that passed.
+        after: std::time::Duration,
     },
     /// A setting or a name is invalid.
     #[error("invalid configuration: {0}")]
@@ -99,7 +119,7 @@ impl Error {
     /// connections, broker hiccups); decode and configuration errors never do.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Conflict { .. } => true,
+            Error::Conflict { .. } | Error::Timeout { .. } => true,
             #[cfg(feature = "postgres")]
             Error::Database { source, .. } => !matches!(
                 source,

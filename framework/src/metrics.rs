@@ -5,7 +5,8 @@
 //! runners) with a [`Metrics`] registry and [`serve`] it: `GET /metrics`
 //! renders their counters and, at scrape time, the outbox depth and age and
 //! each projection's lag per partition; `GET /health` answers while the
-//! process runs; `GET /ready` answers 200 only while PostgreSQL answers.
+//! process runs; `GET /ready` answers 200 only while PostgreSQL answers and
+//! every registered relay is healthy (not failing, not stalled).
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -127,6 +128,12 @@ impl Metrics {
                 vec![(String::new(), status.depth as f64)],
             );
             metric(
+                "tidings_outbox_dead_rows",
+                "gauge",
+                "Outbox rows set aside as refused for good.",
+                vec![(String::new(), status.dead as f64)],
+            );
+            metric(
                 "tidings_outbox_oldest_age_seconds",
                 "gauge",
                 "Age of the oldest outbox row (0 when empty).",
@@ -153,6 +160,24 @@ impl Metrics {
             "counter",
             "Deliveries that failed and were kept for retry.",
             vec![(String::new(), relay(&|s| s.failed.load(Ordering::Relaxed)))],
+        );
+        metric(
+            "tidings_relay_dead_rows_total",
+            "counter",
+            "Rows refused for good and set aside (tidings outbox dead list).",
+            vec![(String::new(), relay(&|s| s.dead.load(Ordering::Relaxed)))],
+        );
+        metric(
+            "tidings_relay_purges_total",
+            "counter",
+            "Producer purges after a batch passed the delivery timeout.",
+            vec![(String::new(), relay(&|s| s.purges.load(Ordering::Relaxed)))],
+        );
+        metric(
+            "tidings_relay_stalls_total",
+            "counter",
+            "Times a relay gave its lanes up after making no progress.",
+            vec![(String::new(), relay(&|s| s.stalls.load(Ordering::Relaxed)))],
         );
         metric(
             "tidings_relay_errors_total",
@@ -265,7 +290,23 @@ impl Metrics {
     }
 
     async fn ready(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+        let relays_healthy = self
+            .parts
+            .lock()
+            .map(|parts| {
+                parts
+                    .relays
+                    .iter()
+                    .all(|r| r.healthy.load(Ordering::Relaxed))
+            })
+            .unwrap_or(false);
+        relays_healthy
+            && tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                sqlx::query("SELECT 1").execute(&self.pool),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 

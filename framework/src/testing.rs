@@ -8,7 +8,7 @@
 //! # use tidings::{Aggregate, Event};
 //! # #[derive(Debug, Clone, PartialEq, Event)]
 //! # enum CounterEvent { Incremented { by: u32 } }
-//! # #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+//! # #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 //! # struct Counter { value: u32 }
 //! # #[derive(Debug, PartialEq, thiserror::Error)] #[error("overflow")] struct Overflow;
 //! # impl Aggregate for Counter {

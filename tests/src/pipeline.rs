@@ -34,7 +34,7 @@ pub enum CounterEvent {
 }
 
 /// A counter: every command is accepted, so every command must show up.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Counter {
     /// The total.
     pub total: i64,

@@ -286,6 +286,14 @@ async fn invalid_topics_and_settings_are_refused_clearly() {
             .contains("requires enable.idempotence=true"),
         "{error}"
     );
+    let config = RelayConfig::new(KafkaConfig::new(brokers()).set("partitioner", "random"));
+    let error = Relay::new(db.pool.clone(), config).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("partitioner that hashes the key"),
+        "a partitioner that scatters an aggregate is refused: {error}"
+    );
     let error = KafkaConfig::new("x")
         .with_properties(["novalue"])
         .unwrap_err();

@@ -1,5 +1,7 @@
 //! The PostgreSQL store and outbox against a real database (one per test).
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::Row;
@@ -24,7 +26,7 @@ enum LedgerEvent {
     Deposited { amount: i64, by: u32 },
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Ledger {
     balance: i64,
     deposits: u64,
@@ -509,4 +511,379 @@ async fn a_database_without_migrations_says_so() {
         "{error}"
     );
     assert!(error.to_string().contains("tidings migrate"));
+}
+
+/// An account: withdrawals are refused without funds, `Close` records the
+/// balance it closed at, and `Reserve` is idempotent (no event when the
+/// hold is already there). Idempotency keys live in a field that serde
+/// skips: only a replay rebuilds it, never a JSON round trip.
+#[derive(Debug, Clone, PartialEq, Event)]
+enum AccountEvent {
+    Deposited { amount: i64, key: u32 },
+    Withdrawn { amount: i64 },
+    Reserved,
+    Released,
+    Closed { balance: i64 },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Account {
+    balance: i64,
+    reserved: bool,
+    #[serde(skip)]
+    keys: std::collections::HashSet<u32>,
+}
+
+#[derive(Debug, Clone)]
+enum AccountCommand {
+    Deposit { amount: i64, key: u32 },
+    Withdraw(i64),
+    Reserve,
+    Release,
+    Close,
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum AccountError {
+    #[error("insufficient funds: balance {balance}")]
+    InsufficientFunds { balance: i64 },
+}
+
+impl Aggregate for Account {
+    const TYPE: &'static str = "account";
+    type Event = AccountEvent;
+    type Command = AccountCommand;
+    type Error = AccountError;
+
+    fn handle(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+        Ok(match command {
+            AccountCommand::Deposit { key, .. } if self.keys.contains(&key) => vec![],
+            AccountCommand::Deposit { amount, key } => {
+                vec![AccountEvent::Deposited { amount, key }]
+            }
+            AccountCommand::Withdraw(amount) if amount > self.balance => {
+                return Err(AccountError::InsufficientFunds {
+                    balance: self.balance,
+                });
+            }
+            AccountCommand::Withdraw(amount) => vec![AccountEvent::Withdrawn { amount }],
+            AccountCommand::Reserve if self.reserved => vec![],
+            AccountCommand::Reserve => vec![AccountEvent::Reserved],
+            AccountCommand::Release if !self.reserved => vec![],
+            AccountCommand::Release => vec![AccountEvent::Released],
+            AccountCommand::Close => vec![AccountEvent::Closed {
+                balance: self.balance,
+            }],
+        })
+    }
+
+    fn apply(&mut self, event: &AccountEvent) {
+        match event {
+            AccountEvent::Deposited { amount, key } => {
+                self.balance += amount;
+                self.keys.insert(*key);
+            }
+            AccountEvent::Withdrawn { amount } => self.balance -= amount,
+            AccountEvent::Reserved => self.reserved = true,
+            AccountEvent::Released => self.reserved = false,
+            AccountEvent::Closed { .. } => {}
+        }
+    }
+}
+
+fn deposit(amount: i64, key: u32) -> AccountCommand {
+    AccountCommand::Deposit { amount, key }
+}
+
+#[tokio::test]
+async fn a_rejection_from_a_stale_cache_is_rechecked() {
+    let db = TestDb::new().await;
+    // Two stores on one database: two processes, each with its own cache.
+    let a = Store::new(db.pool.clone());
+    let b = Store::new(db.pool.clone());
+    a.execute::<Account>("AC-1", deposit(10, 1)).await.unwrap();
+    a.execute::<Account>("AC-1", AccountCommand::Withdraw(10))
+        .await
+        .unwrap(); // a caches balance 0
+    b.execute::<Account>("AC-1", deposit(100, 2)).await.unwrap();
+    for _ in 0..2 {
+        // Decided on b's deposit, and not only once.
+        let committed = a
+            .execute::<Account>("AC-1", AccountCommand::Withdraw(50))
+            .await
+            .expect("the withdrawal is decided on the stream as committed, not on a stale cache");
+        assert_eq!(committed.envelopes.len(), 1);
+    }
+    assert_eq!(a.load::<Account>("AC-1").await.unwrap().state.balance, 0);
+    // A refusal that does hold still comes back as the domain error.
+    let refused = a
+        .execute::<Account>("AC-1", AccountCommand::Withdraw(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        refused,
+        ExecuteError::Rejected(AccountError::InsufficientFunds { balance: 0 })
+    ));
+}
+
+#[tokio::test]
+async fn an_empty_result_from_a_stale_cache_is_rechecked() {
+    let db = TestDb::new().await;
+    let a = Store::new(db.pool.clone());
+    let b = Store::new(db.pool.clone());
+    a.execute::<Account>("AC-2", AccountCommand::Reserve)
+        .await
+        .unwrap(); // a caches "reserved"
+    b.execute::<Account>("AC-2", AccountCommand::Release)
+        .await
+        .unwrap();
+    let again = a
+        .execute::<Account>("AC-2", AccountCommand::Reserve)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.envelopes.len(), again.sequence),
+        (1, 3),
+        "the hold was released by another writer: reserving again must append"
+    );
+    assert!(a.load::<Account>("AC-2").await.unwrap().state.reserved);
+    // And a true no-op stays a no-op.
+    let noop = a
+        .execute::<Account>("AC-2", AccountCommand::Reserve)
+        .await
+        .unwrap();
+    assert_eq!((noop.envelopes.len(), noop.sequence), (0, 3));
+}
+
+#[tokio::test]
+async fn a_decision_built_on_a_lost_commit_is_not_appended() {
+    let db = TestDb::new().await;
+    let a = Store::new(db.pool.clone());
+    let b = Store::new(db.pool.clone());
+    a.execute::<Account>("AC-3", deposit(10, 1)).await.unwrap();
+    a.execute::<Account>("AC-3", AccountCommand::Withdraw(10))
+        .await
+        .unwrap(); // a caches balance 0 at sequence 2
+    // The commit of sequence 2 is lost (as with an asynchronous standby
+    // promoted), and another writer writes a different sequence 2.
+    sqlx::query("DELETE FROM tidings_events WHERE aggregate_id = 'AC-3' AND sequence = 2")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    b.execute::<Account>("AC-3", deposit(100, 2)).await.unwrap();
+    // Same sequence, another history: a's state no longer describes it.
+    let closed = a
+        .execute::<Account>("AC-3", AccountCommand::Close)
+        .await
+        .unwrap();
+    assert_eq!(closed.sequence, 3);
+    let last = a.read_stream("account", "AC-3").await.unwrap();
+    assert_eq!(
+        last.last().unwrap().payload,
+        json!({ "balance": 110 }),
+        "closed at the balance of the history that exists"
+    );
+}
+
+#[tokio::test]
+async fn the_cache_keeps_the_aggregate_itself_not_a_serde_copy() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    store
+        .execute::<Account>("AC-4", deposit(5, 7))
+        .await
+        .unwrap();
+    // Key 7 was seen: the state that decides must know it, although serde
+    // skips the field.
+    let again = store
+        .execute::<Account>("AC-4", deposit(5, 7))
+        .await
+        .unwrap();
+    assert!(again.envelopes.is_empty(), "a replayed deposit is a no-op");
+    assert_eq!(
+        store.load::<Account>("AC-4").await.unwrap().state.balance,
+        5
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serialization_failures_are_retried_like_conflicts() {
+    let db = TestDb::new().await;
+    sqlx::query(&format!(
+        "ALTER DATABASE {} SET default_transaction_isolation = 'serializable'",
+        db.name
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // New connections run SERIALIZABLE.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect_with(db.connect_options())
+        .await
+        .unwrap();
+    let level: String = sqlx::query_scalar("SHOW transaction_isolation")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(level, "serializable");
+    // Sixteen writers (each its own store, as separate processes), five
+    // commands each, all on one aggregate.
+    let writers: Vec<_> = (0..16u32)
+        .map(|i| {
+            let store = Store::new(pool.clone());
+            tokio::spawn(async move {
+                let mut retries = 0;
+                for _ in 0..5 {
+                    let committed = store
+                        .execute::<Ledger>("L-SER", (1, i))
+                        .await
+                        .expect("every concurrent command lands under SERIALIZABLE");
+                    retries += committed.retries;
+                }
+                retries
+            })
+        })
+        .collect();
+    let mut retries = 0;
+    for writer in writers {
+        retries += writer.await.unwrap();
+    }
+    assert!(retries > 0, "the writers did conflict");
+    let loaded = Store::new(pool).load::<Ledger>("L-SER").await.unwrap();
+    assert_eq!((loaded.sequence, loaded.state.balance), (80, 80));
+}
+
+#[tokio::test]
+async fn execute_in_under_a_fixed_snapshot_fails_at_once_with_a_conflict() {
+    let db = TestDb::new().await;
+    // Slow backoff: twenty retries would take seconds.
+    let config = StoreConfig::default()
+        .max_conflict_retries(20)
+        .backoff(Duration::from_millis(500), Duration::from_millis(500));
+    let store = Store::with_config(db.pool.clone(), config);
+    let other = Store::new(db.pool.clone());
+    for level in ["REPEATABLE READ", "SERIALIZABLE"] {
+        let id = format!("L-{}", level.replace(' ', "-"));
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::query(&format!("SET TRANSACTION ISOLATION LEVEL {level}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query("SELECT count(*) FROM tidings_events")
+            .execute(&mut *tx)
+            .await
+            .unwrap(); // the snapshot is taken
+        other.execute::<Ledger>(&id, (1, 0)).await.unwrap();
+        let started = std::time::Instant::now();
+        let error = store
+            .execute_in::<Ledger>(&mut tx, &id, (2, 1), &EventContext::new())
+            .await
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_millis(400),
+            "{level}: returned at once, not after retries in a fixed snapshot ({:?})",
+            started.elapsed()
+        );
+        assert!(
+            matches!(
+                error,
+                ExecuteError::Store(Error::Conflict {
+                    expected: 0,
+                    actual: 1,
+                    ..
+                })
+            ),
+            "{level}: {error}"
+        );
+        tx.rollback().await.unwrap();
+        // The caller retries its whole transaction, and it lands.
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::query(&format!("SET TRANSACTION ISOLATION LEVEL {level}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let committed = store
+            .execute_in::<Ledger>(&mut tx, &id, (2, 1), &EventContext::new())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(committed.sequence, 2);
+    }
+}
+
+#[tokio::test]
+async fn execute_in_without_a_transaction_is_refused_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let mut conn = db.pool.acquire().await.unwrap();
+    let error = store
+        .execute_in::<Ledger>(&mut conn, "L-NOTX", (1, 0), &EventContext::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ExecuteError::Store(Error::Config(m)) if m.contains("not inside a transaction")),
+        "{error}"
+    );
+    // A transaction sqlx does not know of (a raw BEGIN) is refused too:
+    // a savepoint there would be a COMMIT of the caller's writes.
+    sqlx::query("CREATE TABLE mine (id int)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    sqlx::query("INSERT INTO mine VALUES (1)")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let error = store
+        .execute_in::<Ledger>(&mut conn, "L-NOTX", (1, 0), &EventContext::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ExecuteError::Store(Error::Config(_))));
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    let count = |sql: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(count("SELECT count(*) FROM mine").await, 0);
+    assert_eq!(count("SELECT count(*) FROM tidings_events").await, 0);
+    assert_eq!(count("SELECT count(*) FROM tidings_outbox").await, 0);
+}
+
+#[tokio::test]
+async fn empty_and_oversized_aggregate_ids_are_refused_at_append() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let long = "L".repeat(tidings::store::MAX_AGGREGATE_ID_BYTES + 1);
+    for id in ["", long.as_str()] {
+        let error = store.execute::<Ledger>(id, (1, 0)).await.unwrap_err();
+        match &error {
+            ExecuteError::Store(Error::InvalidAggregateId {
+                aggregate_type,
+                reason,
+                ..
+            }) => {
+                assert_eq!(aggregate_type, "ledger");
+                assert!(
+                    reason.contains("empty") || reason.contains("over the limit"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected an invalid id, got {other}"),
+        }
+        assert!(error.to_string().contains("aggregate id"), "{error}");
+    }
+    let fine = "L".repeat(tidings::store::MAX_AGGREGATE_ID_BYTES);
+    store.execute::<Ledger>(&fine, (1, 0)).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tidings_outbox")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "only the valid id was written");
 }

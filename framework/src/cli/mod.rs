@@ -229,11 +229,35 @@ pub struct RelayArgs {
 /// `tidings outbox …`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum OutboxCommand {
-    /// Depth of the outbox, age of its oldest row, depth per topic.
+    /// Depth of the outbox, age of its oldest row, depth per topic, dead rows.
     Status {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Rows refused for good by the broker or the client, set aside.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+}
+
+/// `tidings outbox dead …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DeadCommand {
+    /// The dead rows with their reasons and how many rows each holds back.
+    List {
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Moves dead rows back into the outbox (after fixing the cause), so
+    /// they and the rows held behind them are published in order.
+    Retry {
+        /// Outbox ids of the rows to retry.
+        #[arg(required_unless_present = "all")]
+        ids: Vec<i64>,
+        /// Retry every dead row.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
     },
 }
 
@@ -394,10 +418,11 @@ impl Command {
                         .collect();
                     println!(
                         "{}",
-                        serde_json::json!({"depth": status.depth, "oldest_age_seconds": age, "topics": topics})
+                        serde_json::json!({"depth": status.depth, "oldest_age_seconds": age, "topics": topics, "dead": status.dead})
                     );
                 } else {
                     println!("depth: {}", status.depth);
+                    println!("dead: {}", status.dead);
                     match age {
                         Some(age) => println!("oldest: {age:.3} s"),
                         None => println!("oldest: -"),
@@ -406,6 +431,46 @@ impl Command {
                         println!("  {topic}: {n}");
                     }
                 }
+                Ok(())
+            }
+            Command::Outbox(OutboxCommand::Dead(DeadCommand::List { json })) => {
+                let pool = global.pool().await?;
+                let rows = crate::relay::dead_rows(&pool).await?;
+                for row in &rows {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "id": row.id, "topic": row.topic,
+                                "aggregate_type": row.aggregate_type,
+                                "aggregate_id": row.aggregate_id, "sequence": row.sequence,
+                                "event_id": row.event_id, "reason": row.reason,
+                                "dead_at": row.dead_at, "held": row.held,
+                            })
+                        );
+                    } else {
+                        println!(
+                            "{} {} {}/{}#{} held {}: {}",
+                            row.id,
+                            row.topic,
+                            row.aggregate_type,
+                            row.aggregate_id,
+                            row.sequence,
+                            row.held,
+                            row.reason
+                        );
+                    }
+                }
+                if !json {
+                    println!("{} dead rows", rows.len());
+                }
+                Ok(())
+            }
+            Command::Outbox(OutboxCommand::Dead(DeadCommand::Retry { ids, all })) => {
+                let pool = global.pool().await?;
+                let moved =
+                    crate::relay::retry_dead_rows(&pool, (!all).then_some(ids.as_slice())).await?;
+                println!("{moved} rows moved back into the outbox");
                 Ok(())
             }
             Command::Projections(ProjectionsCommand::Status) => {

@@ -14,7 +14,7 @@ use rdkafka::ClientConfig;
 use crate::error::{Error, Result};
 
 pub use crate::names::validate_topic_name;
-pub use topics::{TopicSpec, ensure_topics};
+pub use topics::{TopicSpec, ensure_topics, ensure_topics_each};
 
 /// Broker list plus pass-through librdkafka properties.
 #[derive(Clone, Default)]

@@ -38,28 +38,93 @@ impl Default for TopicSpec {
 }
 
 /// Creates the topics that do not exist yet. Topics that already exist are
-/// left as they are.
+/// left as they are. Fails on the first topic that is neither there nor
+/// creatable; [`ensure_topics_each`] reports each topic on its own.
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     topics: &BTreeSet<String>,
     spec: &TopicSpec,
 ) -> Result<()> {
+    for (_, outcome) in ensure_topics_each(kafka, topics, spec).await {
+        outcome?;
+    }
+    Ok(())
+}
+
+/// Makes sure each topic exists: describes them first (metadata) and asks
+/// to create only those the cluster does not know, so that a principal
+/// without CREATE permission never fails on topics that exist. Each topic's
+/// outcome is its own; an authorisation error names the permission missing.
+pub async fn ensure_topics_each(
+    kafka: &KafkaConfig,
+    topics: &BTreeSet<String>,
+    spec: &TopicSpec,
+) -> Vec<(String, Result<()>)> {
+    let mut outcomes = Vec::with_capacity(topics.len());
+    let mut candidates = BTreeSet::new();
     for topic in topics {
-        validate_topic_name(topic)?;
+        match validate_topic_name(topic) {
+            Ok(()) => {
+                candidates.insert(topic.clone());
+            }
+            Err(e) => outcomes.push((topic.clone(), Err(e))),
+        }
     }
-    if topics.is_empty() {
-        return Ok(());
+    if candidates.is_empty() {
+        return outcomes;
     }
-    let admin: AdminClient<DefaultClientContext> =
-        kafka
-            .client_config()?
-            .create()
-            .map_err(|source| Error::Kafka {
-                context: "creating a Kafka admin client".into(),
-                source,
-            })?;
+    let admin: AdminClient<DefaultClientContext> = match kafka.client_config().and_then(|c| {
+        c.create().map_err(|source| Error::Kafka {
+            context: "creating a Kafka admin client".into(),
+            source,
+        })
+    }) {
+        Ok(admin) => admin,
+        Err(e) => {
+            let why = e.to_string();
+            outcomes.extend(candidates.into_iter().map(|t| {
+                let error = Error::Config(format!("topic `{t}`: {why}"));
+                (t, Err(error))
+            }));
+            return outcomes;
+        }
+    };
+    // Describe: which of the topics the cluster has already.
+    let admin = std::sync::Arc::new(admin);
+    let existing = {
+        let admin = std::sync::Arc::clone(&admin);
+        let names: Vec<String> = candidates.iter().cloned().collect();
+        tokio::task::spawn_blocking(move || {
+            names
+                .into_iter()
+                .filter(|name| {
+                    admin
+                        .inner()
+                        .fetch_metadata(Some(name), Duration::from_secs(10))
+                        .ok()
+                        .and_then(|m| {
+                            m.topics()
+                                .iter()
+                                .find(|t| t.name() == name)
+                                .map(|t| t.error().is_none() && !t.partitions().is_empty())
+                        })
+                        .unwrap_or(false)
+                })
+                .collect::<BTreeSet<String>>()
+        })
+        .await
+        .unwrap_or_default()
+    };
+    let missing: Vec<&String> = candidates
+        .iter()
+        .filter(|t| !existing.contains(*t))
+        .collect();
+    outcomes.extend(existing.iter().map(|t| (t.clone(), Ok(()))));
+    if missing.is_empty() {
+        return outcomes;
+    }
     let replication = spec.replication.unwrap_or(-1);
-    let new_topics: Vec<NewTopic<'_>> = topics
+    let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|name| {
             spec.configs.iter().fold(
@@ -69,24 +134,60 @@ pub async fn ensure_topics(
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results = admin
-        .create_topics(&new_topics, &options)
-        .await
-        .map_err(|source| Error::Kafka {
-            context: format!("creating topics {topics:?}"),
-            source,
-        })?;
+    let results = match tokio::time::timeout(
+        Duration::from_secs(40),
+        admin.create_topics(&new_topics, &options),
+    )
+    .await
+    {
+        Ok(Ok(results)) => results,
+        Ok(Err(source)) => {
+            let why = source.to_string();
+            outcomes.extend(missing.into_iter().map(|t| {
+                let error = Error::Kafka {
+                    context: format!("creating topic `{t}`"),
+                    source: rdkafka::error::KafkaError::AdminOpCreation(why.clone()),
+                };
+                (t.clone(), Err(error))
+            }));
+            return outcomes;
+        }
+        Err(_) => {
+            outcomes.extend(missing.into_iter().map(|t| {
+                let error = Error::Timeout {
+                    context: format!("creating topic `{t}`"),
+                    after: Duration::from_secs(40),
+                };
+                (t.clone(), Err(error))
+            }));
+            return outcomes;
+        }
+    };
     for result in results {
         match result {
-            Ok(_) => {}
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Ok(topic) | Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                outcomes.push((topic, Ok(())));
+            }
+            Err((topic, code @ RDKafkaErrorCode::TopicAuthorizationFailed))
+            | Err((topic, code @ RDKafkaErrorCode::ClusterAuthorizationFailed)) => {
+                let error = Error::Kafka {
+                    context: format!(
+                        "topic `{topic}` does not exist and cannot be created: the principal \
+                         needs the CREATE permission on the topic or the cluster (or create the \
+                         topic beforehand and turn topic creation off)"
+                    ),
+                    source: rdkafka::error::KafkaError::AdminOp(code),
+                };
+                outcomes.push((topic, Err(error)));
+            }
             Err((topic, code)) => {
-                return Err(Error::Kafka {
+                let error = Error::Kafka {
                     context: format!("creating topic `{topic}`"),
                     source: rdkafka::error::KafkaError::AdminOp(code),
-                });
+                };
+                outcomes.push((topic, Err(error)));
             }
         }
     }
-    Ok(())
+    outcomes
 }

@@ -7,22 +7,45 @@
 //! relay dies, its connection closes and PostgreSQL releases its locks: the
 //! others take the lanes over at their next rebalance.
 //!
-//! Advisory locks are per database, so only this database's locks count.
-//! Relays share lanes fairly: each holds a *presence* lock, counts the
-//! relays present and owns at most `ceil(lanes / relays)` lanes.
+//! Advisory locks are per database; their lock classes are derived from the
+//! schema the outbox lives in (`current_schema()`), so several tidings
+//! installations in one database (one per schema, through `search_path`)
+//! never share lanes. Relays share lanes fairly: each holds a *presence*
+//! lock, counts the relays present and owns at most `ceil(lanes / relays)`
+//! lanes.
+//!
+//! Every call on the lock session has a client-side deadline, and the
+//! session asks the server to drop it within seconds once the relay goes
+//! silent (TCP keepalives, `tcp_user_timeout`), so a crashed relay host
+//! frees its lanes in seconds, not hours.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
+use super::within;
 use crate::error::{Error, Result};
 use crate::store::OUTBOX_LANES;
 
-/// Advisory lock class of lane locks ("tdng").
+/// Advisory lock class of lane locks in the `public` schema ("tdng").
 const LANE_CLASS: i32 = 0x7464_6e67;
-/// Advisory lock class of presence locks ("tdnp").
+/// Advisory lock class of presence locks in the `public` schema ("tdnp").
 const PRESENCE_CLASS: i32 = 0x7464_6e70;
+
+/// The lock classes of the session's schema: the historical constants in
+/// `public`, a hash of the schema's name elsewhere.
+const CLASSES: &str = "SELECT CASE WHEN current_schema() = 'public' THEN $1 \
+    ELSE hashtext('tidings.lanes.' || current_schema()) END, \
+    CASE WHEN current_schema() = 'public' THEN $2 \
+    ELSE hashtext('tidings.presence.' || current_schema()) END";
+
+/// The server drops a silent lock session after about this long.
+const KEEPALIVES: &str = "SELECT set_config('tcp_keepalives_idle', '5', false), \
+    set_config('tcp_keepalives_interval', '2', false), \
+    set_config('tcp_keepalives_count', '3', false), \
+    set_config('tcp_user_timeout', '10000', false)";
 
 /// The lanes a relay holds, and the connection that holds them.
 pub(crate) struct Lanes {
@@ -30,15 +53,20 @@ pub(crate) struct Lanes {
     conn: Option<PgConnection>,
     owned: BTreeSet<i32>,
     presence: i32,
+    /// (lane class, presence class) of the session's schema.
+    classes: (i32, i32),
+    timeout: Duration,
 }
 
 impl Lanes {
-    pub(crate) fn new(options: PgConnectOptions) -> Self {
+    pub(crate) fn new(options: PgConnectOptions, timeout: Duration) -> Self {
         Lanes {
             options,
             conn: None,
             owned: BTreeSet::new(),
             presence: fastrand::i32(0..),
+            classes: (LANE_CLASS, PRESENCE_CLASS),
+            timeout,
         }
     }
 
@@ -58,12 +86,14 @@ impl Lanes {
     /// `may_release` forbade it. On a connection failure every lane is
     /// considered lost (PostgreSQL releases them with the session).
     pub(crate) async fn rebalance(&mut self, may_release: bool) -> Result<bool> {
-        match self.try_rebalance(may_release).await {
+        let limit = self.timeout;
+        let attempt = within(limit, "rebalancing lanes", self.try_rebalance(may_release)).await;
+        match attempt {
             Ok(surplus) => Ok(surplus),
             Err(e) => {
                 self.owned.clear();
                 if let Some(conn) = self.conn.take() {
-                    let _ = conn.close().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.close()).await;
                 }
                 Err(e)
             }
@@ -77,12 +107,22 @@ impl Lanes {
                 .connect()
                 .await
                 .map_err(Error::db("connecting the relay's lane-lock session"))?;
+            sqlx::query(KEEPALIVES)
+                .execute(&mut conn)
+                .await
+                .map_err(Error::db("setting the lane-lock session's keepalives"))?;
+            self.classes = sqlx::query_as(CLASSES)
+                .bind(LANE_CLASS)
+                .bind(PRESENCE_CLASS)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(Error::db("reading the outbox schema"))?;
             // A fresh presence id per session: a stale session of this relay
             // that the server has not reaped yet cannot block the new one.
             loop {
                 self.presence = fastrand::i32(0..);
                 let registered: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-                    .bind(PRESENCE_CLASS)
+                    .bind(self.classes.1)
                     .bind(self.presence)
                     .fetch_one(&mut conn)
                     .await
@@ -100,7 +140,7 @@ impl Lanes {
              AND classid::bigint = $1 AND objsubid = 2 \
              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
-        .bind(i64::from(PRESENCE_CLASS))
+        .bind(i64::from(self.classes.1))
         .fetch_one(&mut *conn)
         .await
         .map_err(Error::db("counting relays"))?;
@@ -115,7 +155,7 @@ impl Lanes {
         while self.owned.len() > share {
             let lane = *self.owned.iter().next_back().expect("not empty");
             sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-                .bind(LANE_CLASS)
+                .bind(self.classes.0)
                 .bind(lane)
                 .execute(&mut *conn)
                 .await
@@ -131,7 +171,7 @@ impl Lanes {
                  AND classid::bigint = $1 AND objsubid = 2 \
                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             )
-            .bind(i64::from(LANE_CLASS))
+            .bind(i64::from(self.classes.0))
             .fetch_all(&mut *conn)
             .await
             .map_err(Error::db("listing taken lanes"))?;
@@ -145,7 +185,7 @@ impl Lanes {
                     break;
                 }
                 let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-                    .bind(LANE_CLASS)
+                    .bind(self.classes.0)
                     .bind(lane)
                     .fetch_one(&mut *conn)
                     .await
@@ -162,7 +202,8 @@ impl Lanes {
     /// Releases every lane and the presence lock.
     pub(crate) async fn release(&mut self) {
         if let Some(conn) = self.conn.take() {
-            let _ = conn.close().await;
+            // Closing says goodbye to the server; a silent one is not waited for.
+            let _ = tokio::time::timeout(self.timeout, conn.close()).await;
         }
         self.owned.clear();
     }

@@ -3,8 +3,9 @@
 //! # Guarantees
 //!
 //! - **Nothing lost.** A row leaves the outbox only after the broker
-//!   acknowledged it (idempotent producer, `acks=all`). A relay killed at any
-//!   instant leaves its unacknowledged rows in the outbox for the next one.
+//!   acknowledged it (idempotent producer, `acks=all`), and the delete names
+//!   the row by id and event id. A relay killed at any instant leaves its
+//!   unacknowledged rows in the outbox for the next one.
 //! - **At least once.** A crash between the acknowledgement and the delete
 //!   publishes those rows again: consumers dedupe (tidings projections do).
 //! - **In order per aggregate**, with any number of relays. The claim scheme:
@@ -14,8 +15,7 @@
 //!   dies), so one aggregate is published by one relay at a time. The relay
 //!   reads the visible rows of its lanes in id order, produces them in that
 //!   order, and deletes exactly the rows acknowledged, keeping a failed row
-//!   *and every later row of its aggregate*, which are retried after a
-//!   backoff in the same order.
+//!   *and every later row of its aggregate*, which are retried in order.
 //! - **Late commits are never skipped.** There is no cursor: every read takes
 //!   whatever rows are in the outbox now, leaving out only the rows this
 //!   relay has in flight, so a row with a lower id that becomes visible after
@@ -24,21 +24,37 @@
 //!   all lower sequences of that aggregate committed (the store's unique
 //!   stream key makes a concurrent writer wait for and then fail on the
 //!   earlier transaction), and its id is higher.
+//! - **No librdkafka message timeout**, hence no gap: the relay enforces its
+//!   own [`RelayConfig::delivery_timeout`] by purging the producer and
+//!   retrying from the first unacknowledged row (see `publish`).
+//! - **One bad row holds one aggregate.** A row refused for good is set
+//!   aside in `tidings_outbox_dead` with its reason ([`dead_rows`],
+//!   [`retry_dead_rows`]); every other aggregate keeps flowing.
+//! - **Bounded waits.** Every database call has a client-side deadline
+//!   ([`RelayConfig::db_timeout`]), the lock session asks the server to
+//!   drop it within seconds of going silent (TCP keepalives and
+//!   `tcp_user_timeout`), a relay that makes no progress for
+//!   [`RelayConfig::stall_timeout`] gives its lanes up for others, and
+//!   shutdown finishes within [`RelayConfig::shutdown_timeout`] even while
+//!   PostgreSQL or the broker is unreachable (what it could not settle is
+//!   published again later: at least once).
+//!
+//! Requires synchronous commit (and synchronous replication, if any) for
+//! the appends: a commit acknowledged and then lost takes its events with
+//! it after they may have been published.
 //!
 //! # Pipeline
 //!
-//! Up to [`RelayConfig::pipeline_depth`] batches are in flight at once: the
-//! relay reads and enqueues the next batch (leaving out the rows in flight)
-//! while earlier ones await their delivery reports, and deletes acknowledged
-//! batches in the background. The producer keeps the order of everything
-//! enqueued, and the idempotent producer's gapless guarantee stops delivery
-//! after a failed message of a partition (message timeouts are outside that
-//! setting; for them the producer's per-partition sequence numbers keep the
-//! broker from accepting a later message without the earlier ones). A failed
-//! or refused row blocks its aggregate in every batch in flight; the relay
-//! then stops reading, settles the whole pipeline, backs off and starts again
-//! from the failed row. Deletes run with `synchronous_commit = off`: a delete
-//! lost in a server crash only publishes those rows again.
+//! The stages, one file each: `lanes` (which relay owns which aggregates),
+//! `read` (the rows of the owned lanes, in id order), `publish` (the
+//! producer and the delivery reports), `settle` (deletes and failed rows),
+//! `dead` (rows refused for good). Up to [`RelayConfig::pipeline_depth`]
+//! batches are in flight at once: the relay reads and enqueues the next
+//! batch while earlier ones await their delivery reports, and deletes
+//! acknowledged batches in the background. A failed or refused row blocks
+//! its aggregate in every batch in flight; the relay then stops reading,
+//! settles the whole pipeline, backs off and starts again from the failed
+//! row.
 //!
 //! Duplicates can also arise when a relay loses its lock session while it
 //! still has batches in flight; each publisher's stream is still in order,
@@ -56,31 +72,32 @@
 //! Requires PostgreSQL 14 or later (the rows in flight are left out of each
 //! read with an `int8multirange`).
 
+mod dead;
 mod lanes;
+mod publish;
+mod read;
+mod settle;
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
-use std::fmt::Write as _;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientContext;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{Producer, PurgeConfig};
 use sqlx::PgPool;
-use sqlx::postgres::{PgListener, PgPoolOptions};
-use tokio::sync::oneshot;
+use sqlx::postgres::PgListener;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-use crate::envelope::{
-    HEADER_AGGREGATE_TYPE, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_EVENT_VERSION,
-};
 use crate::error::{Error, Result};
-use crate::kafka::{KafkaConfig, TopicSpec, ensure_topics};
+use crate::kafka::{KafkaConfig, TopicSpec, ensure_topics_each};
 use lanes::Lanes;
+use publish::{Enqueue, InFlight, RelayProducer, Reports, Tracker};
+use read::{Row, Stream, multirange, read_rows};
+use settle::{Deleting, Settle, Settled};
+
+pub use dead::{DeadRow, dead_rows, retry_dead_rows};
 
 /// The channel the outbox trigger notifies.
 pub const OUTBOX_CHANNEL: &str = "tidings_outbox";
@@ -98,8 +115,10 @@ pub struct RelayConfig {
     pub pipeline_depth: usize,
     /// Fallback poll when no notification arrives (default 1 s).
     pub poll_interval: Duration,
-    /// How long one message may take to be acknowledged before it counts
-    /// as failed and is retried (librdkafka `message.timeout.ms`, default 30 s).
+    /// How long a batch may wait for its acknowledgements before the relay
+    /// purges the producer and retries from its first unacknowledged row
+    /// (default 30 s, at least 100 ms). librdkafka's own message timeout is
+    /// off: it could reorder.
     pub delivery_timeout: Duration,
     /// How often lanes are rebalanced between relays (default 1 s).
     pub rebalance_interval: Duration,
@@ -107,6 +126,14 @@ pub struct RelayConfig {
     pub max_backoff: Duration,
     /// Create missing topics with this spec; `None` leaves topics alone.
     pub create_topics: Option<TopicSpec>,
+    /// The deadline of every database call (default 10 s).
+    pub db_timeout: Duration,
+    /// A relay that owns lanes and has made no progress for this long while
+    /// failing gives its lanes up to other relays and waits as long before
+    /// taking any again (default 60 s).
+    pub stall_timeout: Duration,
+    /// How long shutdown may take to settle what is in flight (default 10 s).
+    pub shutdown_timeout: Duration,
 }
 
 impl RelayConfig {
@@ -121,6 +148,9 @@ impl RelayConfig {
             rebalance_interval: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             create_topics: Some(TopicSpec::default()),
+            db_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 
@@ -136,9 +166,9 @@ impl RelayConfig {
         self
     }
 
-    /// Sets [`RelayConfig::delivery_timeout`].
+    /// Sets [`RelayConfig::delivery_timeout`] (at least 100 ms).
     pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
-        self.delivery_timeout = timeout;
+        self.delivery_timeout = timeout.max(Duration::from_millis(100));
         self
     }
 
@@ -153,6 +183,30 @@ impl RelayConfig {
         self.create_topics = spec;
         self
     }
+
+    /// Sets [`RelayConfig::db_timeout`] (at least 100 ms).
+    pub fn db_timeout(mut self, timeout: Duration) -> Self {
+        self.db_timeout = timeout.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Sets [`RelayConfig::stall_timeout`].
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
+        self
+    }
+
+    /// Sets [`RelayConfig::shutdown_timeout`].
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Sets [`RelayConfig::max_backoff`].
+    pub fn max_backoff(mut self, backoff: Duration) -> Self {
+        self.max_backoff = backoff;
+        self
+    }
 }
 
 /// Counters of a running relay, readable while it runs.
@@ -160,12 +214,19 @@ impl RelayConfig {
 pub struct RelayStats {
     /// Rows acknowledged by the broker and deleted.
     pub published: AtomicU64,
-    /// Deliveries that failed (and were kept for retry).
+    /// Deliveries that failed (and were kept for retry); rows merely held
+    /// behind a failed row are not counted.
     pub failed: AtomicU64,
+    /// Rows refused for good and set aside as dead rows.
+    pub dead: AtomicU64,
     /// Batches handled.
     pub batches: AtomicU64,
     /// Errors of the database or the broker that made the relay back off.
     pub errors: AtomicU64,
+    /// Times the relay purged its producer after the delivery timeout.
+    pub purges: AtomicU64,
+    /// Times the relay gave its lanes up after making no progress.
+    pub stalls: AtomicU64,
     /// Lanes owned now.
     pub lanes: AtomicU64,
     /// Rows read in batches (with `batches`, the mean batch size).
@@ -173,146 +234,34 @@ pub struct RelayStats {
     /// Microseconds from reading batches to deleting them (with `batches`,
     /// the mean batch latency).
     pub batch_micros: AtomicU64,
+    /// False while the relay is failing or has given its lanes up.
+    pub healthy: AtomicBool,
 }
 
-/// One outbox row, as the relay reads it.
-#[derive(Debug, sqlx::FromRow)]
-struct Row {
-    id: i64,
-    topic: String,
-    message_key: String,
-    aggregate_type: String,
-    aggregate_id: String,
-    event_id: uuid::Uuid,
-    event_type: Option<String>,
-    event_version: Option<i32>,
-    /// Only on rows written before the header columns existed.
-    headers: Option<sqlx::types::Json<std::collections::BTreeMap<String, String>>>,
-    envelope: String,
-}
-
-impl Row {
-    fn stream(&self) -> Stream {
-        (self.aggregate_type.clone(), self.aggregate_id.clone())
-    }
-
-    /// The message headers: the routing fields of the envelope.
-    fn headers(&self) -> OwnedHeaders {
-        let mut headers = OwnedHeaders::new_with_capacity(4);
-        if let (Some(event_type), Some(version)) = (&self.event_type, self.event_version) {
-            let version = version.to_string();
-            let id = self.event_id.hyphenated().to_string();
-            for (key, value) in [
-                (HEADER_EVENT_TYPE, event_type.as_str()),
-                (HEADER_EVENT_VERSION, version.as_str()),
-                (HEADER_EVENT_ID, id.as_str()),
-                (HEADER_AGGREGATE_TYPE, self.aggregate_type.as_str()),
-            ] {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value.as_bytes()),
-                });
-            }
-        } else if let Some(stored) = &self.headers {
-            for (key, value) in stored.iter() {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value.as_bytes()),
-                });
-            }
-        }
-        headers
+/// Runs `work` with a deadline; a silent server or network becomes
+/// [`Error::Timeout`] instead of a wait of minutes.
+pub(crate) async fn within<T>(
+    limit: Duration,
+    what: &str,
+    work: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Timeout {
+            context: what.to_owned(),
+            after: limit,
+        }),
     }
 }
-
-/// An aggregate, as the relay tracks failures.
-type Stream = (String, String);
-
-/// A batch's delivery reports, by row: `None` when acknowledged, else why not.
-type Reports = Vec<Option<String>>;
-
-/// Collects delivery reports per batch. librdkafka calls back once per
-/// message with the message's ticket (batch start + row index); the batch's
-/// owner gets all its reports at once, when the last one arrives.
-#[derive(Default)]
-struct Tracker {
-    batches: std::sync::Mutex<std::collections::BTreeMap<usize, Progress>>,
-}
-
-struct Progress {
-    reports: Reports,
-    pending: usize,
-    done: Option<oneshot::Sender<Reports>>,
-}
-
-impl Tracker {
-    /// Registers a batch of `len` messages whose tickets start at `first`.
-    fn register(&self, first: usize, len: usize) -> oneshot::Receiver<Reports> {
-        let (done, receiver) = oneshot::channel();
-        let progress = Progress {
-            reports: vec![None; len],
-            pending: len,
-            done: Some(done),
-        };
-        self.lock().insert(first, progress);
-        receiver
-    }
-
-    /// Records one message's outcome.
-    fn complete(&self, ticket: usize, outcome: std::result::Result<(), String>) {
-        let mut batches = self.lock();
-        let Some((&first, progress)) = batches.range_mut(..=ticket).next_back() else {
-            return;
-        };
-        let Some(slot) = progress.reports.get_mut(ticket - first) else {
-            return;
-        };
-        *slot = outcome.err();
-        progress.pending -= 1;
-        if progress.pending == 0
-            && let Some(progress) = batches.remove(&first)
-            && let Some(done) = progress.done
-        {
-            let _ = done.send(progress.reports);
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<usize, Progress>> {
-        self.batches
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// The relay producer's context: delivery reports go to the tracker.
-struct RelayContext {
-    tracker: Arc<Tracker>,
-}
-
-impl ClientContext for RelayContext {}
-
-impl ProducerContext for RelayContext {
-    type DeliveryOpaque = usize;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, ticket: usize) {
-        let outcome = match result {
-            Ok(_) => Ok(()),
-            Err((error, _)) => Err(error.to_string()),
-        };
-        self.tracker.complete(ticket, outcome);
-    }
-}
-
-type RelayProducer = ThreadedProducer<RelayContext>;
 
 /// A relay: claims outbox rows by lane, publishes them, deletes what the
 /// broker acknowledged. Run it with [`Relay::run`].
 pub struct Relay {
     pool: PgPool,
-    /// Connections for deletes, with `synchronous_commit = off`.
-    deleter: PgPool,
     config: RelayConfig,
     producer: RelayProducer,
+    /// Whether the producer was purged and must be replaced.
+    purged: bool,
     tracker: Arc<Tracker>,
     /// The ticket of the next message handed to the producer.
     next_ticket: usize,
@@ -330,39 +279,8 @@ pub struct Relay {
     /// none of their later rows is deleted (nor enqueued) until the
     /// pipeline has been settled.
     blocked: HashSet<Stream>,
-}
-
-/// A batch handed to the producer, awaiting its delivery reports.
-struct InFlight {
-    rows: Vec<Row>,
-    reports: oneshot::Receiver<Reports>,
-    started: Instant,
-}
-
-impl InFlight {
-    /// Waits for every report of the batch.
-    async fn reports(&mut self) -> Reports {
-        match (&mut self.reports).await {
-            Ok(reports) => reports,
-            Err(_) => {
-                vec![Some("the producer dropped the delivery reports".into()); self.rows.len()]
-            }
-        }
-    }
-}
-
-/// Acknowledged rows being deleted (they stay out of reads until the
-/// delete is collected).
-struct Deleting {
-    ids: Vec<i64>,
-    task: JoinHandle<Result<()>>,
-}
-
-/// Adds a settled batch's time from read to delete to the stats.
-fn record_latency(stats: &RelayStats, started: Instant) {
-    stats
-        .batch_micros
-        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    /// Cancelled when shutdown is asked for.
+    stop: CancellationToken,
 }
 
 /// What the relay does next.
@@ -371,6 +289,8 @@ enum Step {
     Read,
     /// The oldest batch's delivery reports arrived.
     Settle(Reports),
+    /// The oldest batch passed the delivery timeout.
+    Expired,
     /// Nothing yet: look at the clock and the shutdown flag again.
     Idle,
 }
@@ -384,92 +304,32 @@ impl std::fmt::Debug for Relay {
     }
 }
 
-fn producer(config: &RelayConfig, tracker: &Arc<Tracker>) -> Result<RelayProducer> {
-    for key in ["enable.idempotence", "acks"] {
-        if let Some(value) = config.kafka.properties.get(key) {
-            let ok = match key {
-                "enable.idempotence" => value == "true",
-                _ => value == "all" || value == "-1",
-            };
-            if !ok {
-                return Err(Error::Config(format!(
-                    "the relay requires {key}={}: it cannot be set to `{value}`",
-                    if key == "acks" { "all" } else { "true" }
-                )));
-            }
-        }
-    }
-    let mut client = config.kafka.client_config()?;
-    client
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        // A failure that could leave a gap (a later message of the partition
-        // delivered after an earlier one failed) stops the producer instead;
-        // the relay then starts a fresh one and retries from the failed row.
-        .set("enable.gapless.guarantee", "true")
-        .set(
-            "message.timeout.ms",
-            config.delivery_timeout.as_millis().to_string(),
-        );
-    if !config.kafka.properties.contains_key("linger.ms") {
-        client.set("linger.ms", "5");
-    }
-    client
-        .create_with_context(RelayContext {
-            tracker: Arc::clone(tracker),
-        })
-        .map_err(|source| Error::Kafka {
-            context: "creating the relay's producer".into(),
-            source,
-        })
-}
-
-/// The ids as an `int8multirange` literal: `{[1,5001),[5003,5004)}`.
-fn multirange(ids: &mut [i64]) -> String {
-    ids.sort_unstable();
-    let mut text = String::from("{");
-    let mut i = 0;
-    while i < ids.len() {
-        let start = ids[i];
-        let mut end = start;
-        while i + 1 < ids.len() && ids[i + 1] <= end + 1 {
-            i += 1;
-            end = ids[i];
-        }
-        i += 1;
-        if text.len() > 1 {
-            text.push(',');
-        }
-        let _ = write!(text, "[{start},{})", end + 1);
-    }
-    text.push('}');
-    text
-}
-
 impl Relay {
-    /// A relay on `pool` (which must have the tidings migrations).
+    /// A relay on `pool` (which must have the tidings migrations). Reads,
+    /// deletes and the lane-lock session all use the pool's connection
+    /// settings.
     pub fn new(pool: PgPool, config: RelayConfig) -> Result<Self> {
         let tracker = Arc::new(Tracker::default());
-        let producer = producer(&config, &tracker)?;
+        let producer = publish::producer(&config, &tracker)?;
         let options = (*pool.connect_options()).clone();
-        let lanes = Lanes::new(options.clone());
-        let deleter = PgPoolOptions::new()
-            .max_connections(2)
-            .connect_lazy_with(options.options([("synchronous_commit", "off")]));
+        let lanes = Lanes::new(options, config.db_timeout);
+        let stats = Arc::new(RelayStats::default());
+        stats.healthy.store(true, Ordering::Relaxed);
         Ok(Relay {
             pool,
-            deleter,
             config,
             producer,
+            purged: false,
             tracker,
             next_ticket: 0,
             lanes,
             known_topics: HashSet::new(),
-            stats: Arc::new(RelayStats::default()),
+            stats,
             in_flight: VecDeque::new(),
             deleting: VecDeque::new(),
             prefetch: None,
             blocked: HashSet::new(),
+            stop: CancellationToken::new(),
         })
     }
 
@@ -479,33 +339,73 @@ impl Relay {
     }
 
     /// Runs until `shutdown` completes, then settles the batches in flight
-    /// (waits for their delivery reports and deletes what was acknowledged),
-    /// releases its lanes and returns. Database and broker failures are
-    /// retried with backoff and reported through `tracing`; only
-    /// configuration errors end the relay early.
+    /// (waits for their delivery reports and deletes what was acknowledged)
+    /// for at most [`RelayConfig::shutdown_timeout`], releases its lanes and
+    /// returns. Database and broker failures are retried with backoff and
+    /// reported through `tracing`; only configuration errors end the relay
+    /// early.
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-        let mut stopping = false;
-        tokio::pin!(shutdown);
+        let stop = self.stop.clone();
+        let deadline = self.config.shutdown_timeout;
+        let work = self.work();
+        tokio::pin!(work, shutdown);
+        tokio::select! {
+            result = &mut work => return result,
+            () = &mut shutdown => stop.cancel(),
+        }
+        match tokio::time::timeout(deadline, work).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    ?deadline,
+                    "relay: shutdown deadline passed; rows not yet settled will be published again"
+                );
+                Ok(())
+            }
+        }
+    }
 
+    async fn work(&mut self) -> Result<()> {
         let mut listener: Option<PgListener> = None;
         let mut last_rebalance: Option<Instant> = None;
         let mut failures: u32 = 0;
+        let mut last_progress = Instant::now();
+        // After giving lanes up, none is taken before this instant.
+        let mut cooling_until: Option<Instant> = None;
         // Read without waiting for a notification: at the start, after a
         // full batch, when lanes were taken and after a backoff.
         let mut more = true;
         loop {
-            if !stopping && futures::FutureExt::now_or_never(shutdown.as_mut()).is_some() {
-                stopping = true;
-            }
-            if stopping {
+            if self.stop.is_cancelled() {
                 break;
             }
             if let Err(e) = self.reap_deletes(false).await {
                 failures += 1;
                 self.report(&e, failures);
             }
+            if failures > 0
+                && !self.lanes.is_empty()
+                && last_progress.elapsed() >= self.config.stall_timeout
+            {
+                tracing::warn!(
+                    stalled = ?last_progress.elapsed(),
+                    lanes = self.lanes.owned().len(),
+                    "relay: no progress; giving the lanes up to other relays"
+                );
+                self.stats.stalls.fetch_add(1, Ordering::Relaxed);
+                let _ = self.drain().await;
+                self.renew_producer()?;
+                self.lanes.release().await;
+                self.stats.lanes.store(0, Ordering::Relaxed);
+                listener = None;
+                cooling_until = Some(Instant::now() + self.config.stall_timeout);
+                last_progress = Instant::now();
+            }
+            let cooling = cooling_until.is_some_and(|t| Instant::now() < t);
             // Own lanes.
-            if last_rebalance.is_none_or(|t| t.elapsed() >= self.config.rebalance_interval) {
+            if !cooling
+                && last_rebalance.is_none_or(|t| t.elapsed() >= self.config.rebalance_interval)
+            {
                 match self.rebalance().await {
                     Ok(changed) => {
                         last_rebalance = Some(Instant::now());
@@ -514,12 +414,12 @@ impl Relay {
                     Err(e) => {
                         failures += 1;
                         self.report(&e, failures);
-                        stopping |= self.pause(failures, &mut shutdown).await;
+                        self.pause(failures).await;
                         continue;
                     }
                 }
             }
-            if listener.is_none() {
+            if listener.is_none() && !self.lanes.is_empty() {
                 listener = self.listen().await;
             }
 
@@ -531,8 +431,14 @@ impl Relay {
                 })
                 .max(Duration::from_millis(1));
             let poll = self.config.poll_interval;
+            let expiry = self
+                .in_flight
+                .front()
+                .filter(|_| !self.purged)
+                .map(|batch| batch.started + self.config.delivery_timeout);
             let step = {
                 let front = self.in_flight.front_mut();
+                let stop = self.stop.clone();
                 tokio::select! {
                     biased;
                     reports = async {
@@ -541,11 +447,14 @@ impl Relay {
                             None => std::future::pending().await,
                         }
                     } => Step::Settle(reports),
+                    () = async {
+                        match expiry {
+                            Some(at) => tokio::time::sleep_until(at.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    } => Step::Expired,
                     () = std::future::ready(()), if can_read && more => Step::Read,
-                    () = shutdown.as_mut() => {
-                        stopping = true;
-                        Step::Idle
-                    }
+                    () = stop.cancelled() => Step::Idle,
                     notified = wait_notification(&mut listener), if can_read => {
                         if !notified {
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -558,6 +467,17 @@ impl Relay {
             };
             let result = match step {
                 Step::Idle => continue,
+                Step::Expired => {
+                    tracing::warn!(
+                        timeout = ?self.config.delivery_timeout,
+                        "relay: a batch was not acknowledged in time; purging the producer and retrying from its first unacknowledged row"
+                    );
+                    self.stats.purges.fetch_add(1, Ordering::Relaxed);
+                    self.purged = true;
+                    self.producer
+                        .purge(PurgeConfig::default().queue().inflight());
+                    continue;
+                }
                 Step::Read => tracing::Instrument::instrument(
                     self.read_and_enqueue(),
                     tracing::debug_span!("tidings.relay.batch"),
@@ -565,7 +485,7 @@ impl Relay {
                 .await
                 .map(|full| {
                     more = full;
-                    0
+                    Settled::default()
                 }),
                 Step::Settle(reports) => {
                     let batch = self.in_flight.pop_front().expect("the front batch settled");
@@ -573,24 +493,27 @@ impl Relay {
                 }
             };
             match result {
-                Ok(0) => {
+                Ok(Settled { failed: 0, dead: 0 }) => {
                     if self.in_flight.is_empty() {
                         self.blocked.clear();
                         failures = 0;
+                        self.stats.healthy.store(true, Ordering::Relaxed);
                     }
+                    last_progress = Instant::now();
                 }
-                Ok(_failed) => {
+                Ok(Settled { failed, .. }) => {
                     // Start again from the failed rows, in order: settle
-                    // everything in flight, then back off.
-                    failures += 1;
+                    // everything in flight, then back off (not for rows
+                    // merely set aside: the others go on at once).
                     if let Err(e) = self.drain().await {
                         self.report(&e, failures);
                     }
-                    if let Err(e) = self.renew_producer_if_fatal() {
-                        self.finish().await;
-                        return Err(e);
+                    self.renew_producer()?;
+                    if failed > 0 {
+                        failures += 1;
+                        self.stats.healthy.store(false, Ordering::Relaxed);
+                        self.pause(failures).await;
                     }
-                    stopping |= self.pause(failures, &mut shutdown).await;
                     more = true;
                 }
                 Err(e) => {
@@ -604,7 +527,8 @@ impl Relay {
                     if let Err(e) = self.drain().await {
                         self.report(&e, failures);
                     }
-                    stopping |= self.pause(failures, &mut shutdown).await;
+                    self.renew_producer()?;
+                    self.pause(failures).await;
                     more = true;
                 }
             }
@@ -640,12 +564,22 @@ impl Relay {
         }
     }
 
-    /// Settles every batch in flight and waits for every delete.
+    /// Settles every batch in flight and waits for every delete. A batch
+    /// that passes the delivery timeout meanwhile is purged.
     async fn drain(&mut self) -> Result<()> {
         self.drop_prefetch();
         let mut outcome = Ok(());
         while let Some(mut batch) = self.in_flight.pop_front() {
-            let reports = batch.reports().await;
+            let expiry = batch.started + self.config.delivery_timeout;
+            let reports = tokio::select! {
+                reports = batch.reports() => reports,
+                () = tokio::time::sleep_until(expiry.into()), if !self.purged => {
+                    self.stats.purges.fetch_add(1, Ordering::Relaxed);
+                    self.purged = true;
+                    self.producer.purge(PurgeConfig::default().queue().inflight());
+                    batch.reports().await
+                }
+            };
             if let Err(e) = self.settle(batch, reports).await {
                 outcome = Err(e);
             }
@@ -661,7 +595,6 @@ impl Relay {
         if let Err(error) = self.drain().await {
             tracing::warn!(%error, "relay: settling the last batches; their rows will be published again");
         }
-        let _ = self.producer.flush(Duration::from_secs(10));
         self.lanes.release().await;
         tracing::info!(
             published = self.stats.published.load(Ordering::Relaxed),
@@ -671,39 +604,53 @@ impl Relay {
 
     fn report(&self, error: &Error, failures: u32) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        self.stats.healthy.store(false, Ordering::Relaxed);
         tracing::warn!(%error, failures, "relay: retrying after an error");
     }
 
-    /// Backs off; true when shutdown was asked for meanwhile.
-    async fn pause(
-        &mut self,
-        failures: u32,
-        shutdown: &mut Pin<&mut impl Future<Output = ()>>,
-    ) -> bool {
+    /// Backs off (cut short by shutdown).
+    async fn pause(&mut self, failures: u32) {
         let base = Duration::from_millis(100).saturating_mul(1 << failures.min(10));
         let delay = base
             .min(self.config.max_backoff)
             .mul_f64(0.5 + fastrand::f64() / 2.0);
         tokio::select! {
-            () = tokio::time::sleep(delay) => false,
-            () = shutdown.as_mut() => true,
+            () = tokio::time::sleep(delay) => {}
+            () = self.stop.cancelled() => {}
         }
     }
 
     async fn listen(&mut self) -> Option<PgListener> {
-        let mut listener = PgListener::connect_with(&self.pool).await.ok()?;
-        listener.listen(OUTBOX_CHANNEL).await.ok()?;
-        Some(listener)
+        let limit = self.config.db_timeout;
+        let connect = async {
+            let mut listener = PgListener::connect_with(&self.pool)
+                .await
+                .map_err(Error::db("listening for outbox commits"))?;
+            listener
+                .listen(OUTBOX_CHANNEL)
+                .await
+                .map_err(Error::db("listening for outbox commits"))?;
+            Ok(listener)
+        };
+        within(limit, "listening for outbox commits", connect)
+            .await
+            .ok()
     }
 
-    fn renew_producer_if_fatal(&mut self) -> Result<()> {
-        if let Some((code, reason)) = self.producer.client().fatal_error() {
+    /// Replaces the producer after a fatal error or a purge (the tracker is
+    /// shared, so tickets go on).
+    fn renew_producer(&mut self) -> Result<()> {
+        let fatal = self.producer.client().fatal_error();
+        if let Some((code, reason)) = &fatal {
             tracing::warn!(
                 ?code,
                 reason,
                 "relay: the producer stopped on a fatal error; starting a fresh one"
             );
-            self.producer = producer(&self.config, &self.tracker)?;
+        }
+        if fatal.is_some() || self.purged {
+            self.producer = publish::producer(&self.config, &self.tracker)?;
+            self.purged = false;
         }
         Ok(())
     }
@@ -731,9 +678,20 @@ impl Relay {
             return Ok(false);
         }
         let size = self.config.batch_size;
+        let limit = self.config.db_timeout;
         let rows = match self.prefetch.take() {
-            Some(task) => joined(task, "reading the outbox").await?,
-            None => read_rows(self.pool.clone(), lanes.clone(), size, self.busy(&[])).await?,
+            Some(task) => {
+                within(
+                    limit,
+                    "reading the outbox",
+                    settle::joined(task, "reading the outbox"),
+                )
+                .await?
+            }
+            None => {
+                let read = read_rows(self.pool.clone(), lanes.clone(), size, self.busy(&[]));
+                within(limit, "reading the outbox", read).await?
+            }
         };
         let full = rows.len() as i64 == size;
         if full {
@@ -745,208 +703,109 @@ impl Relay {
                 busy,
             )));
         }
+        let mut unavailable = None;
         if !rows.is_empty() {
-            self.ensure_topics(&rows).await?;
-            let batch = self.enqueue(rows).await;
-            self.in_flight.push_back(batch);
-        }
-        Ok(full)
-    }
-
-    /// Hands rows to the producer in id order; a full producer queue is
-    /// waited out, never skipped. A refused row blocks its aggregate.
-    async fn enqueue(&mut self, rows: Vec<Row>) -> InFlight {
-        let started = Instant::now();
-        let first = self.next_ticket;
-        self.next_ticket = self.next_ticket.wrapping_add(rows.len());
-        let reports = self.tracker.register(first, rows.len());
-        for (index, row) in rows.iter().enumerate() {
-            let ticket = first + index;
-            if !self.blocked.is_empty() && self.blocked.contains(&row.stream()) {
-                self.tracker.complete(
-                    ticket,
-                    Err("held behind a refused or failed row of its aggregate".into()),
-                );
-                continue;
-            }
-            let mut record = BaseRecord::with_opaque_to(&row.topic, ticket)
-                .key(row.message_key.as_str())
-                .payload(row.envelope.as_str())
-                .headers(row.headers());
-            loop {
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((error, _)) => {
-                        self.tracker.complete(ticket, Err(error.to_string()));
-                        self.blocked.insert(row.stream());
-                        break;
-                    }
-                }
-            }
-        }
-        InFlight {
-            rows,
-            reports,
-            started,
-        }
-    }
-
-    /// Takes a batch's delivery reports: deletes the acknowledged rows in
-    /// the background, keeping each failed row and every later row of its
-    /// aggregate, in this batch and those after it. Returns the number of
-    /// failed deliveries.
-    async fn settle(&mut self, batch: InFlight, reports: Reports) -> Result<usize> {
-        let mut acknowledged = Vec::with_capacity(batch.rows.len());
-        let mut failed = 0usize;
-        for (row, report) in batch.rows.iter().zip(reports) {
-            if report.is_none()
-                && (self.blocked.is_empty() || !self.blocked.contains(&row.stream()))
-            {
-                acknowledged.push(row.id);
-            } else {
-                if let Some(why) = report {
-                    failed += 1;
-                    if failed == 1 {
-                        tracing::warn!(
-                            topic = row.topic,
-                            aggregate = format!("{}/{}", row.aggregate_type, row.aggregate_id),
-                            error = why,
-                            "relay: delivery failed; keeping the row and the rest of its aggregate"
-                        );
-                    }
-                }
+            let missing = self.ensure_topics(&rows).await;
+            for row in rows.iter().filter(|r| missing.contains_key(&r.topic)) {
                 self.blocked.insert(row.stream());
             }
+            unavailable = missing.into_values().next();
+            let batch = Enqueue {
+                producer: &self.producer,
+                tracker: &self.tracker,
+                next_ticket: &mut self.next_ticket,
+                blocked: &mut self.blocked,
+            }
+            .batch(rows)
+            .await;
+            self.in_flight.push_back(batch);
         }
-        self.stats
-            .failed
-            .fetch_add(failed as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .batch_rows
-            .fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
-        if !acknowledged.is_empty() {
-            // At most two deletes at a time: wait for the oldest first.
+        // The rows of topics that exist went out; those of a topic that is
+        // not available wait, after a backoff.
+        match unavailable {
+            Some(error) => Err(error),
+            None => Ok(full),
+        }
+    }
+
+    /// Settles a batch and keeps at most two deletes running (waiting for
+    /// the oldest first).
+    async fn settle(&mut self, batch: InFlight, reports: Reports) -> Result<Settled> {
+        let (settled, delete) = Settle {
+            pool: &self.pool,
+            stats: &self.stats,
+            blocked: &mut self.blocked,
+            db_timeout: self.config.db_timeout,
+            stop: &self.stop,
+        }
+        .batch(batch, reports)
+        .await?;
+        if let Some(delete) = delete {
             if self.deleting.len() >= 2 {
                 let oldest = self.deleting.pop_front().expect("two deletes");
-                self.finish_delete(oldest).await?;
+                oldest.finish().await?;
             }
-            let pool = self.deleter.clone();
-            let ids = acknowledged.clone();
-            let stats = Arc::clone(&self.stats);
-            let started = batch.started;
-            self.deleting.push_back(Deleting {
-                ids: acknowledged,
-                task: tokio::spawn(async move {
-                    delete_rows(&pool, &ids).await?;
-                    stats
-                        .published
-                        .fetch_add(ids.len() as u64, Ordering::Relaxed);
-                    record_latency(&stats, started);
-                    Ok(())
-                }),
-            });
-        } else {
-            record_latency(&self.stats, batch.started);
+            self.deleting.push_back(delete);
         }
-        Ok(failed)
+        Ok(settled)
     }
 
     /// Collects finished deletes (all of them with `wait`).
     async fn reap_deletes(&mut self, wait: bool) -> Result<()> {
         let mut outcome = Ok(());
         while let Some(front) = self.deleting.front() {
-            if !wait && !front.task.is_finished() {
+            if !wait && !front.is_finished() {
                 break;
             }
             let done = self.deleting.pop_front().expect("a front delete");
-            if let Err(e) = self.finish_delete(done).await {
+            if let Err(e) = done.finish().await {
                 outcome = Err(e);
             }
         }
         outcome
     }
 
-    async fn finish_delete(&mut self, delete: Deleting) -> Result<()> {
-        joined(delete.task, "deleting published outbox rows").await
-    }
-
-    async fn ensure_topics(&mut self, rows: &[Row]) -> Result<()> {
+    /// Makes sure the batch's topics exist, creating missing ones when
+    /// configured to (each topic on its own: one that cannot be created
+    /// holds only its own rows). Returns the topics that are not available,
+    /// with why.
+    async fn ensure_topics(&mut self, rows: &[Row]) -> std::collections::HashMap<String, Error> {
+        let mut unavailable = std::collections::HashMap::new();
         let Some(spec) = &self.config.create_topics else {
-            return Ok(());
+            return unavailable;
         };
         let missing: BTreeSet<String> = rows
             .iter()
             .filter(|r| !self.known_topics.contains(&r.topic))
+            .filter(|r| crate::names::validate_topic_name(&r.topic).is_ok())
             .map(|r| r.topic.clone())
             .collect();
         if missing.is_empty() {
-            return Ok(());
+            return unavailable;
         }
-        ensure_topics(&self.config.kafka, &missing, spec).await?;
-        self.known_topics.extend(missing);
-        Ok(())
-    }
-}
-
-/// The result of a background database task; a task that panicked is a
-/// database error of `what`.
-async fn joined<T>(task: JoinHandle<Result<T>>, what: &str) -> Result<T> {
-    task.await.unwrap_or_else(|e| {
-        Err(Error::db(what)(sqlx::Error::Protocol(format!(
-            "the task failed: {e}"
-        ))))
-    })
-}
-
-/// Reads up to `size` rows of `lanes` in id order, leaving out `busy` (an
-/// `int8multirange`, cast once per statement).
-async fn read_rows(pool: PgPool, lanes: Vec<i32>, size: i64, busy: String) -> Result<Vec<Row>> {
-    sqlx::query_as(
-        "SELECT id, topic, message_key, aggregate_type, aggregate_id, event_id, event_type, \
-         event_version, headers, envelope \
-         FROM tidings_outbox WHERE lane = ANY($1) AND NOT ((SELECT $3::int8multirange) @> id) \
-         ORDER BY id LIMIT $2",
-    )
-    .bind(&lanes)
-    .bind(size)
-    .bind(busy)
-    .fetch_all(&pool)
-    .await
-    .map_err(Error::db("reading the outbox"))
-}
-
-/// Deletes acknowledged rows. A failure here only means the rows will be
-/// published again (at least once), never lost.
-async fn delete_rows(pool: &PgPool, ids: &[i64]) -> Result<()> {
-    let mut attempt = 0u32;
-    loop {
-        match sqlx::query("DELETE FROM tidings_outbox WHERE id = ANY($1)")
-            .bind(ids)
-            .execute(pool)
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) if attempt < 5 => {
-                tracing::warn!(error = %e, "relay: deleting published rows failed; retrying");
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        for (topic, outcome) in ensure_topics_each(&self.config.kafka, &missing, spec).await {
+            match outcome {
+                Ok(()) => {
+                    self.known_topics.insert(topic);
+                }
+                Err(error) => {
+                    tracing::warn!(topic, %error, "relay: a topic is not available; its rows wait");
+                    unavailable.insert(topic, error);
+                }
             }
-            Err(e) => return Err(Error::db("deleting published outbox rows")(e)),
         }
+        unavailable
     }
 }
 
+/// Waits for a notification, then takes every one already received: one
+/// wake per burst, whatever the number of commits.
 async fn wait_notification(listener: &mut Option<PgListener>) -> bool {
+    use futures::FutureExt;
     match listener {
         Some(l) => match l.recv().await {
             Ok(_) => {
-                // Drain what else is queued: one wake per burst.
-                while l.next_buffered().is_some() {}
+                while let Some(Ok(Some(_))) = l.try_recv().now_or_never() {}
                 true
             }
             Err(_) => {
@@ -955,21 +814,5 @@ async fn wait_notification(listener: &mut Option<PgListener>) -> bool {
             }
         },
         None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::multirange;
-
-    #[test]
-    fn multirange_compresses_runs() {
-        assert_eq!(multirange(&mut []), "{}");
-        assert_eq!(multirange(&mut [5]), "{[5,6)}");
-        assert_eq!(
-            multirange(&mut [7, 1, 2, 3, 9, 8, 12]),
-            "{[1,4),[7,10),[12,13)}"
-        );
-        assert_eq!(multirange(&mut [4, 4, 5]), "{[4,6)}");
     }
 }

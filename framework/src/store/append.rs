@@ -17,6 +17,10 @@ pub const OUTBOX_LANES: u32 = 64;
 /// that every committed event can be published.
 pub const MAX_ENVELOPE_BYTES: usize = 950_000;
 
+/// The longest aggregate id the store accepts, in bytes. Ids are Kafka keys
+/// and parts of a unique index; a longer one is refused at append.
+pub const MAX_AGGREGATE_ID_BYTES: usize = 512;
+
 /// The outbox lane of an aggregate: FNV-1a over type and id, modulo [`OUTBOX_LANES`].
 pub fn lane_of(aggregate_type: &str, aggregate_id: &str) -> i32 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -39,6 +43,12 @@ WITH input AS (
     -- sequence this transaction cannot see committed.
     WHERE (SELECT coalesce(max(sequence), 0) FROM tidings_events
            WHERE aggregate_type = $1 AND aggregate_id = $2) = $15
+    -- And, when the writer knows it, after the very event its state was
+    -- built from: a history forked by a lost commit is not appended to.
+      AND ($16::uuid IS NULL OR EXISTS (
+           SELECT 1 FROM tidings_events
+           WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $15
+             AND event_id = $16))
 ), events AS (
     INSERT INTO tidings_events
         (event_id, aggregate_type, aggregate_id, sequence, event_type, event_version,
@@ -58,20 +68,77 @@ WITH input AS (
 SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM outbox)
 "#;
 
-/// Appends `events` after `expected_sequence` with their outbox rows, in one
-/// round trip. A unique violation on the stream key is [`Error::Conflict`].
+/// Where an append goes and what it expects to find there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target<'a> {
+    pub(crate) aggregate_type: &'a str,
+    pub(crate) aggregate_id: &'a str,
+    pub(crate) topic: &'a str,
+    /// The stream's last sequence the writer saw (0: a new stream).
+    pub(crate) expected_sequence: u64,
+    /// The id of the event at `expected_sequence`, when the writer knows it.
+    pub(crate) expected_head: Option<uuid::Uuid>,
+}
+
+/// The conflict error for an append to `aggregate_type/aggregate_id` after `expected`.
+pub(crate) fn conflict(aggregate_type: &str, aggregate_id: &str, expected: u64) -> Error {
+    Error::Conflict {
+        aggregate_type: aggregate_type.to_owned(),
+        aggregate_id: aggregate_id.to_owned(),
+        expected,
+        actual: 0,
+    }
+}
+
+/// Whether PostgreSQL refused a statement or a commit because of a
+/// concurrent transaction (serialization failure 40001, deadlock 40P01):
+/// retried like a conflict.
+pub(crate) fn is_serialization_failure(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
+}
+
+/// Refuses aggregate ids that cannot be published in order: an empty one
+/// (an empty Kafka key is partitioned at random) and one over
+/// [`MAX_AGGREGATE_ID_BYTES`].
+pub(crate) fn validate_aggregate_id(aggregate_type: &str, aggregate_id: &str) -> Result<()> {
+    let reason = if aggregate_id.is_empty() {
+        "it is empty (an empty Kafka key would scatter its events over partitions)".to_owned()
+    } else if aggregate_id.len() > MAX_AGGREGATE_ID_BYTES {
+        format!(
+            "it is {} bytes long, over the limit of {MAX_AGGREGATE_ID_BYTES}",
+            aggregate_id.len()
+        )
+    } else {
+        return Ok(());
+    };
+    let shown: String = aggregate_id.chars().take(64).collect();
+    Err(Error::InvalidAggregateId {
+        aggregate_type: aggregate_type.to_owned(),
+        aggregate_id: shown,
+        reason,
+    })
+}
+
+/// Appends `events` after `target.expected_sequence` with their outbox rows,
+/// in one round trip. A unique violation on the stream key, a stream not at
+/// the expected head, or a serialization failure is [`Error::Conflict`].
 pub(crate) async fn append<E: Event>(
     conn: &mut PgConnection,
-    aggregate_type: &str,
-    aggregate_id: &str,
-    topic: &str,
-    expected_sequence: u64,
+    target: Target<'_>,
     events: &[E],
     context: &EventContext,
 ) -> Result<Vec<RawEnvelope>> {
+    let Target {
+        aggregate_type,
+        aggregate_id,
+        topic,
+        expected_sequence,
+        expected_head,
+    } = target;
     if events.is_empty() {
         return Ok(Vec::new());
     }
+    validate_aggregate_id(aggregate_type, aggregate_id)?;
     crate::names::validate_topic_name(topic)?;
     let what = || {
         format!(
@@ -135,26 +202,47 @@ pub(crate) async fn append<E: Event>(
         .bind(context.causation_id.as_deref())
         .bind(metadata)
         .bind(expected_sequence as i64)
+        .bind(expected_head)
         .fetch_one(&mut *conn)
         .await;
-    let conflict = || Error::Conflict {
-        aggregate_type: aggregate_type.to_owned(),
-        aggregate_id: aggregate_id.to_owned(),
-        expected: expected_sequence,
-        actual: 0,
-    };
+    let conflict = || conflict(aggregate_type, aggregate_id, expected_sequence);
     match result {
         Ok(0) => Err(conflict()),
         Ok(_) => Ok(envelopes),
+        // The transaction is aborted now; the caller reads the actual
+        // sequence on another connection.
         Err(sqlx::Error::Database(db))
             if db.constraint() == Some("tidings_events_stream_sequence") =>
         {
-            // The transaction is aborted now; the caller reads the actual
-            // sequence on another connection.
             Err(conflict())
         }
+        Err(e) if is_serialization_failure(&e) => Err(conflict()),
         Err(e) => Err(Error::db(what())(e)),
     }
+}
+
+/// The head of a stream (its last sequence and that event's id), read in
+/// the caller's transaction; `None` for a stream with no event.
+pub(crate) async fn head(
+    conn: &mut PgConnection,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<Option<super::Head>> {
+    let row: Option<(i64, uuid::Uuid)> = sqlx::query_as(
+        "SELECT sequence, event_id FROM tidings_events \
+         WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence DESC LIMIT 1",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(Error::db(format!(
+        "reading the head of {aggregate_type}/{aggregate_id}"
+    )))?;
+    Ok(row.map(|(sequence, event_id)| super::Head {
+        sequence: sequence as u64,
+        event_id,
+    }))
 }
 
 /// The last sequence of a stream (0 when it has no event).

@@ -112,6 +112,7 @@ pub(crate) async fn load<A: Aggregate>(conn: &mut PgConnection, id: &str) -> Res
     let snapshot = snapshot::<A>(conn, id).await?;
     let from_snapshot = snapshot.is_some();
     let (mut state, mut sequence) = snapshot.unwrap_or_default();
+    let mut head_event = None;
     for envelope in read_events(conn, A::TYPE, id, sequence).await? {
         let event = A::Event::decode(
             &envelope.event_type,
@@ -129,11 +130,13 @@ pub(crate) async fn load<A: Aggregate>(conn: &mut PgConnection, id: &str) -> Res
         })?;
         state.apply(&event);
         sequence = envelope.sequence;
+        head_event = Some(envelope.event_id);
     }
     Ok(Loaded {
         state,
         sequence,
         from_snapshot,
+        head_event,
     })
 }
 
@@ -143,10 +146,20 @@ pub(crate) async fn save_snapshot<A: Aggregate>(
     sequence: u64,
     state: &A,
 ) -> Result<()> {
-    let state = serde_json::to_value(state).map_err(|source| Error::Encode {
-        context: format!("snapshotting {}/{id}", A::TYPE),
-        source,
-    })?;
+    // Snapshots are an optimisation: a state that does not serialize is
+    // logged and the command goes on without one.
+    let state = match serde_json::to_value(state) {
+        Ok(state) => state,
+        Err(error) => {
+            tracing::warn!(
+                aggregate_type = A::TYPE,
+                aggregate_id = id,
+                %error,
+                "not snapshotting a state that does not serialize"
+            );
+            return Ok(());
+        }
+    };
     sqlx::query(
         "INSERT INTO tidings_snapshots (aggregate_type, aggregate_id, sequence, snapshot_version, state) \
          VALUES ($1, $2, $3, $4, $5) \

@@ -24,6 +24,7 @@
 //! earlier transaction). The relay relies on this for ordering.
 
 mod append;
+mod cache;
 mod load;
 
 use std::time::Duration;
@@ -34,7 +35,8 @@ use crate::aggregate::Aggregate;
 use crate::envelope::{EventContext, RawEnvelope};
 use crate::error::{Error, Result};
 
-pub use append::{MAX_ENVELOPE_BYTES, OUTBOX_LANES, lane_of};
+pub use append::{MAX_AGGREGATE_ID_BYTES, MAX_ENVELOPE_BYTES, OUTBOX_LANES, lane_of};
+use cache::{AggregateCache, Head};
 
 /// How the store retries conflicts.
 #[derive(Debug, Clone)]
@@ -52,8 +54,13 @@ pub struct StoreConfig {
     pub topic_prefix: String,
     /// How many aggregates [`Store::execute`] keeps in memory after a
     /// commit, to skip loading them next time (default 10,000; 0 disables).
-    /// Safe with other writers: an append must follow the stream's last
-    /// sequence, so a stale entry only causes a conflict and a reload.
+    /// The aggregate value itself is kept (a clone), never a serialized
+    /// copy. Safe with other writers and other processes: an append from a
+    /// cached state must follow the exact head event the state was built
+    /// from (sequence and event id), and a refusal or an empty result from
+    /// a cached state is rechecked against the stream's head in the
+    /// database (one indexed read) and decided again on a fresh load when
+    /// the head moved. A stale entry costs a reload, never a wrong answer.
     pub cache_capacity: usize,
 }
 
@@ -82,13 +89,20 @@ impl StoreConfig {
         self
     }
 
+    /// Sets [`StoreConfig::base_backoff`] and [`StoreConfig::max_backoff`].
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.base_backoff = base;
+        self.max_backoff = max.max(base);
+        self
+    }
+
     /// Sets [`StoreConfig::topic_prefix`].
     pub fn topic_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.topic_prefix = prefix.into();
         self
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
+    fn backoff_for(&self, attempt: u32) -> Duration {
         let cap = self
             .base_backoff
             .saturating_mul(1u32 << attempt.min(16))
@@ -106,6 +120,18 @@ pub struct Loaded<A> {
     pub sequence: u64,
     /// Whether a snapshot was used.
     pub from_snapshot: bool,
+    /// The id of the last event, when it was read (not when the state came
+    /// from a snapshot alone).
+    pub(crate) head_event: Option<uuid::Uuid>,
+}
+
+impl<A> Loaded<A> {
+    fn head(&self) -> Option<Head> {
+        self.head_event.map(|event_id| Head {
+            sequence: self.sequence,
+            event_id,
+        })
+    }
 }
 
 /// What a successful command committed.
@@ -145,17 +171,13 @@ pub struct StoreStats {
     pub conflicts: std::sync::atomic::AtomicU64,
 }
 
-/// Aggregates recently committed through this store: (type, id) →
-/// (sequence, snapshot version, state as JSON).
-type Cache = std::collections::HashMap<(&'static str, String), (u64, u32, serde_json::Value)>;
-
 /// The event store on PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
     config: StoreConfig,
     stats: std::sync::Arc<StoreStats>,
-    cache: std::sync::Arc<std::sync::Mutex<Cache>>,
+    cache: AggregateCache,
 }
 
 impl Store {
@@ -169,9 +191,9 @@ impl Store {
     pub fn with_config(pool: PgPool, config: StoreConfig) -> Self {
         Store {
             pool,
+            cache: AggregateCache::new(config.cache_capacity),
             config,
             stats: std::sync::Arc::default(),
-            cache: std::sync::Arc::default(),
         }
     }
 
@@ -256,33 +278,49 @@ impl Store {
                 .begin()
                 .await
                 .map_err(Error::db("beginning a transaction"))?;
-            match self
+            let outcome = match self
                 .try_execute::<A>(&mut tx, id, command.clone(), context, attempt == 0)
                 .await
             {
-                Ok(mut committed) => {
-                    if let Err(e) = tx.commit().await {
-                        self.remember::<A>(id, None);
+                Ok((committed, head)) => match tx.commit().await {
+                    Ok(()) => Ok((committed, head)),
+                    // A serialization failure at commit (SERIALIZABLE) is a
+                    // conflict like any other: retried after a reload.
+                    Err(e) if append::is_serialization_failure(&e) => {
+                        Err(ExecuteError::Store(append::conflict(A::TYPE, id, 0)))
+                    }
+                    Err(e) => {
+                        self.cache.forget::<A>(id);
                         return Err(
                             Error::db(format!("committing a command on {}/{id}", A::TYPE))(e)
                                 .into(),
                         );
                     }
+                },
+                Err(e) => {
+                    drop(tx);
+                    Err(e)
+                }
+            };
+            match outcome {
+                Ok((mut committed, head)) => {
                     committed.retries = attempt;
                     self.count(&committed);
-                    self.remember(id, Some(&committed));
+                    match head {
+                        Some(head) => self.cache.put(id, head, &committed.state),
+                        None => self.cache.forget::<A>(id),
+                    }
                     return Ok(committed);
                 }
                 Err(ExecuteError::Store(Error::Conflict { .. }))
                     if attempt < self.config.max_conflict_retries =>
                 {
-                    drop(tx);
-                    self.remember::<A>(id, None);
-                    tokio::time::sleep(self.config.backoff(attempt)).await;
+                    self.cache.forget::<A>(id);
+                    tokio::time::sleep(self.config.backoff_for(attempt)).await;
                     attempt += 1;
                 }
                 Err(ExecuteError::Store(e)) => {
-                    self.remember::<A>(id, None);
+                    self.cache.forget::<A>(id);
                     return Err(ExecuteError::Store(self.with_actual(e).await));
                 }
                 Err(e) => return Err(e),
@@ -294,8 +332,17 @@ impl Store {
     /// writes, the events and the outbox rows commit or roll back together.
     /// Nothing is committed here: the caller commits.
     ///
-    /// Conflicts are retried inside a savepoint, so the caller's earlier
-    /// writes in the transaction are kept.
+    /// `conn` must be inside a transaction opened through sqlx (`pool.begin()`,
+    /// `conn.begin()`): anything else is refused with [`Error::Config`],
+    /// because a savepoint on a connection with no transaction would commit
+    /// by itself.
+    ///
+    /// Under READ COMMITTED (PostgreSQL's default) conflicts are retried
+    /// inside a savepoint, so the caller's earlier writes in the transaction
+    /// are kept. Under REPEATABLE READ or SERIALIZABLE the transaction's
+    /// snapshot is fixed, so a reload could never see the other writer's
+    /// events: the first conflict is returned at once as [`Error::Conflict`],
+    /// and the caller retries its whole transaction.
     #[tracing::instrument(
         name = "tidings.execute_in",
         skip_all,
@@ -317,6 +364,14 @@ impl Store {
         A::Command: Clone,
     {
         use sqlx::Connection;
+        if !conn.is_in_transaction() {
+            return Err(Error::Config(format!(
+                "execute_in on {}/{id}: the connection is not inside a transaction opened \
+                 through sqlx (pool.begin() or conn.begin()); nothing was written",
+                A::TYPE
+            ))
+            .into());
+        }
         let mut attempt = 0;
         loop {
             let mut savepoint = conn
@@ -327,7 +382,7 @@ impl Store {
                 .try_execute::<A>(&mut savepoint, id, command.clone(), context, false)
                 .await
             {
-                Ok(mut committed) => {
+                Ok((mut committed, _)) => {
                     savepoint
                         .commit()
                         .await
@@ -335,20 +390,29 @@ impl Store {
                     committed.retries = attempt;
                     self.count(&committed);
                     // The caller decides whether this commits: forget the cached state.
-                    self.remember::<A>(id, None);
+                    self.cache.forget::<A>(id);
                     return Ok(committed);
                 }
-                Err(ExecuteError::Store(Error::Conflict { .. }))
-                    if attempt < self.config.max_conflict_retries =>
-                {
+                Err(ExecuteError::Store(e @ Error::Conflict { .. })) => {
                     savepoint
                         .rollback()
                         .await
                         .map_err(Error::db("rolling back a savepoint"))?;
-                    tokio::time::sleep(self.config.backoff(attempt)).await;
+                    self.cache.forget::<A>(id);
+                    let fixed_snapshot = attempt == 0 && fixed_snapshot(conn).await?;
+                    if fixed_snapshot || attempt >= self.config.max_conflict_retries {
+                        if fixed_snapshot {
+                            tracing::debug!(
+                                "execute_in: conflict under a fixed snapshot; the caller retries its transaction"
+                            );
+                        }
+                        return Err(ExecuteError::Store(self.with_actual(e).await));
+                    }
+                    tokio::time::sleep(self.config.backoff_for(attempt)).await;
                     attempt += 1;
                 }
                 Err(ExecuteError::Store(e)) => {
+                    self.cache.forget::<A>(id);
                     return Err(ExecuteError::Store(self.with_actual(e).await));
                 }
                 Err(e) => return Err(e),
@@ -379,43 +443,8 @@ impl Store {
         }
     }
 
-    /// The cached state of an aggregate, if any and of the current snapshot version.
-    fn cached<A: Aggregate>(&self, id: &str) -> Option<Loaded<A>> {
-        let cache = self.cache.lock().ok()?;
-        let (sequence, version, state) = cache.get(&(A::TYPE, id.to_owned()))?;
-        if *version != A::SNAPSHOT_VERSION {
-            return None;
-        }
-        let state = serde_json::from_value(state.clone()).ok()?;
-        Some(Loaded {
-            state,
-            sequence: *sequence,
-            from_snapshot: false,
-        })
-    }
-
-    /// Remembers a committed state (or forgets the aggregate with `None`).
-    fn remember<A: Aggregate>(&self, id: &str, committed: Option<&Committed<A>>) {
-        if self.config.cache_capacity == 0 {
-            return;
-        }
-        let Ok(mut cache) = self.cache.lock() else {
-            return;
-        };
-        let key = (A::TYPE, id.to_owned());
-        match committed.and_then(|c| serde_json::to_value(&c.state).ok().map(|v| (c.sequence, v))) {
-            Some((sequence, state)) => {
-                if cache.len() >= self.config.cache_capacity && !cache.contains_key(&key) {
-                    cache.clear();
-                }
-                cache.insert(key, (sequence, A::SNAPSHOT_VERSION, state));
-            }
-            None => {
-                cache.remove(&key);
-            }
-        }
-    }
-
+    /// Loads (or takes from the cache), decides, appends. Returns what was
+    /// committed and the stream's head after it, when known.
     async fn try_execute<A: Aggregate>(
         &self,
         conn: &mut PgConnection,
@@ -423,35 +452,64 @@ impl Store {
         command: A::Command,
         context: &EventContext,
         use_cache: bool,
-    ) -> Result<Committed<A>, ExecuteError<A::Error>> {
+    ) -> Result<(Committed<A>, Option<Head>), ExecuteError<A::Error>>
+    where
+        A::Command: Clone,
+    {
         let cached = if use_cache {
-            self.cached::<A>(id)
+            self.cache.get::<A>(id)
         } else {
             None
         };
-        let loaded = match cached {
-            Some(loaded) => loaded,
-            None => load::load::<A>(conn, id).await?,
+        let from_cache = cached.is_some();
+        let (mut loaded, mut decision) = match cached {
+            Some((state, head)) => {
+                let loaded = Loaded {
+                    state,
+                    sequence: head.sequence,
+                    from_snapshot: false,
+                    head_event: Some(head.event_id),
+                };
+                let decision = loaded.state.handle(command.clone());
+                (loaded, decision)
+            }
+            None => {
+                let loaded = load::load::<A>(conn, id).await?;
+                let decision = loaded.state.handle(command.clone());
+                (loaded, decision)
+            }
         };
-        let events = loaded
-            .state
-            .handle(command)
-            .map_err(ExecuteError::Rejected)?;
+        // A refusal or an empty result from a cached state reaches the
+        // caller unchecked by any append: check the stream's head first and
+        // decide again on a fresh load if it moved.
+        if from_cache
+            && decision.as_ref().map_or(true, Vec::is_empty)
+            && append::head(conn, A::TYPE, id).await? != loaded.head()
+        {
+            loaded = load::load::<A>(conn, id).await?;
+            decision = loaded.state.handle(command);
+        }
+        let events = decision.map_err(ExecuteError::Rejected)?;
+        let head = loaded.head();
         let mut state = loaded.state;
         if events.is_empty() {
-            return Ok(Committed {
+            let committed = Committed {
                 state,
                 sequence: loaded.sequence,
                 envelopes: vec![],
                 retries: 0,
-            });
+            };
+            return Ok((committed, head));
         }
         let envelopes = append::append::<A::Event>(
             conn,
-            A::TYPE,
-            id,
-            &self.topic_of::<A>(),
-            loaded.sequence,
+            append::Target {
+                aggregate_type: A::TYPE,
+                aggregate_id: id,
+                topic: &self.topic_of::<A>(),
+                expected_sequence: loaded.sequence,
+                expected_head: loaded.head_event,
+            },
             &events,
             context,
         )
@@ -465,12 +523,17 @@ impl Store {
         {
             load::save_snapshot(conn, id, sequence, &state).await?;
         }
-        Ok(Committed {
+        let head = envelopes.last().map(|last| Head {
+            sequence,
+            event_id: last.event_id,
+        });
+        let committed = Committed {
             state,
             sequence,
             envelopes,
             retries: 0,
-        })
+        };
+        Ok((committed, head))
     }
 
     /// Appends events to a stream directly, expecting it to be at
@@ -484,17 +547,16 @@ impl Store {
         events: &[A::Event],
         context: &EventContext,
     ) -> Result<Vec<RawEnvelope>> {
-        match append::append::<A::Event>(
-            conn,
-            A::TYPE,
-            id,
-            &self.topic_of::<A>(),
+        // Whatever this store cached of the stream is about to be stale.
+        self.cache.forget::<A>(id);
+        let target = append::Target {
+            aggregate_type: A::TYPE,
+            aggregate_id: id,
+            topic: &self.topic_of::<A>(),
             expected_sequence,
-            events,
-            context,
-        )
-        .await
-        {
+            expected_head: None,
+        };
+        match append::append::<A::Event>(conn, target, events, context).await {
             Ok(envelopes) => Ok(envelopes),
             Err(e) => Err(self.with_actual(e).await),
         }
@@ -504,6 +566,16 @@ impl Store {
     pub async fn read_stream(&self, aggregate_type: &str, id: &str) -> Result<Vec<RawEnvelope>> {
         load::read_stream(&self.pool, aggregate_type, id).await
     }
+}
+
+/// Whether the transaction on `conn` has a fixed snapshot (REPEATABLE
+/// READ or SERIALIZABLE), in which a reload cannot see other writers.
+async fn fixed_snapshot(conn: &mut PgConnection) -> Result<bool> {
+    let level: String = sqlx::query_scalar("SELECT current_setting('transaction_isolation')")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::db("reading the transaction's isolation level"))?;
+    Ok(level != "read committed")
 }
 
 /// How much is waiting in the outbox.
@@ -516,6 +588,9 @@ pub struct OutboxStatus {
     pub oldest_age: Option<Duration>,
     /// Rows waiting per topic.
     pub topics: Vec<(String, u64)>,
+    /// Rows refused for good and set aside (`tidings outbox dead list`);
+    /// their aggregates' later rows wait behind them.
+    pub dead: u64,
 }
 
 /// Reads the outbox depth, the age of its oldest row and the depth per topic.
@@ -527,6 +602,10 @@ pub async fn outbox_status(pool: &PgPool) -> Result<OutboxStatus> {
     .fetch_all(pool)
     .await
     .map_err(Error::db("reading the outbox status"))?;
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM tidings_outbox_dead")
+        .fetch_one(pool)
+        .await
+        .map_err(Error::db("counting dead outbox rows"))?;
     let depth = rows.iter().map(|(_, n, _)| *n as u64).sum();
     let oldest_age = rows
         .iter()
@@ -537,5 +616,6 @@ pub async fn outbox_status(pool: &PgPool) -> Result<OutboxStatus> {
         depth,
         oldest_age,
         topics: rows.into_iter().map(|(t, n, _)| (t, n as u64)).collect(),
+        dead: dead as u64,
     })
 }

@@ -63,7 +63,7 @@ enum BenchEvent {
     Recorded { n: u64, note: String },
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Counter {
     n: u64,
 }
