@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 pub mod pipeline;
+pub mod proxy;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -148,10 +149,16 @@ pub fn kafka_config() -> ClientConfig {
 /// Creates a topic with `partitions` partitions and returns its name.
 pub async fn create_topic(prefix: &str, partitions: i32) -> String {
     let name = unique(prefix);
+    create_topic_named(&name, partitions).await;
+    name
+}
+
+/// Creates the topic `name` with `partitions` partitions.
+pub async fn create_topic_named(name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = kafka_config()
         .create()
         .expect("creating a Kafka admin client");
-    let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let results = admin
         .create_topics(
             [&topic],
@@ -162,7 +169,6 @@ pub async fn create_topic(prefix: &str, partitions: i32) -> String {
     for result in results {
         result.unwrap_or_else(|(topic, code)| panic!("creating topic {topic}: {code}"));
     }
-    name
 }
 
 /// One message read back from a topic.
@@ -454,6 +460,26 @@ impl OwnBroker {
         }
     }
 
+    /// Freezes the broker process (SIGSTOP): its sockets stay open and
+    /// nothing answers, as with a broker stuck or cut off.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen broker run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the broker runs");
+        let status = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Kills the broker process (SIGKILL).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -465,6 +491,9 @@ impl OwnBroker {
 
 impl Drop for OwnBroker {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            self.thaw();
+        }
         self.kill();
         drop_database(database_url().parse().unwrap(), self.database.clone());
     }

@@ -218,7 +218,8 @@ pub struct RelayArgs {
     /// Do not create missing topics.
     #[arg(long)]
     pub no_create_topics: bool,
-    /// Seconds a message may take to be acknowledged before it is retried.
+    /// Seconds a batch may wait for its acknowledgements before the relay
+    /// purges the producer and retries from the first unacknowledged row.
     #[arg(long, env = "TIDINGS_DELIVERY_TIMEOUT_SECS", default_value_t = 30)]
     pub delivery_timeout_secs: u64,
     /// Serve /metrics, /health and /ready on this address (e.g. 127.0.0.1:9464).
