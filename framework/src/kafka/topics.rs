@@ -89,32 +89,29 @@ pub async fn ensure_topics_each(
             return outcomes;
         }
     };
-    // Describe: which of the topics the cluster has already.
+    // Describe: which of the topics the cluster has already. All topics in
+    // one request: a request naming a missing topic could make a broker
+    // with auto-creation on create it with its defaults, not the spec.
     let admin = std::sync::Arc::new(admin);
-    let existing = {
+    let existing: BTreeSet<String> = {
         let admin = std::sync::Arc::clone(&admin);
-        let names: Vec<String> = candidates.iter().cloned().collect();
         tokio::task::spawn_blocking(move || {
-            names
-                .into_iter()
-                .filter(|name| {
-                    admin
-                        .inner()
-                        .fetch_metadata(Some(name), Duration::from_secs(10))
-                        .ok()
-                        .and_then(|m| {
-                            m.topics()
-                                .iter()
-                                .find(|t| t.name() == name)
-                                .map(|t| t.error().is_none() && !t.partitions().is_empty())
-                        })
-                        .unwrap_or(false)
+            admin
+                .inner()
+                .fetch_metadata(None, Duration::from_secs(10))
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+                        .map(|t| t.name().to_owned())
+                        .collect()
                 })
-                .collect::<BTreeSet<String>>()
+                .unwrap_or_default()
         })
         .await
         .unwrap_or_default()
     };
+    let existing: BTreeSet<String> = existing.intersection(&candidates).cloned().collect();
     let missing: Vec<&String> = candidates
         .iter()
         .filter(|t| !existing.contains(*t))

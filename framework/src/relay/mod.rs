@@ -279,6 +279,9 @@ pub struct Relay {
     /// none of their later rows is deleted (nor enqueued) until the
     /// pipeline has been settled.
     blocked: HashSet<Stream>,
+    /// Aggregates with a row not acknowledged in the batches settled so far
+    /// (a later row of theirs is neither deleted nor set aside).
+    unsettled: HashSet<Stream>,
     /// Cancelled when shutdown is asked for.
     stop: CancellationToken,
 }
@@ -329,6 +332,7 @@ impl Relay {
             deleting: VecDeque::new(),
             prefetch: None,
             blocked: HashSet::new(),
+            unsettled: HashSet::new(),
             stop: CancellationToken::new(),
         })
     }
@@ -394,7 +398,6 @@ impl Relay {
                 );
                 self.stats.stalls.fetch_add(1, Ordering::Relaxed);
                 let _ = self.drain().await;
-                self.renew_producer()?;
                 self.lanes.release().await;
                 self.stats.lanes.store(0, Ordering::Relaxed);
                 listener = None;
@@ -407,9 +410,15 @@ impl Relay {
                 && last_rebalance.is_none_or(|t| t.elapsed() >= self.config.rebalance_interval)
             {
                 match self.rebalance().await {
-                    Ok(changed) => {
+                    Ok((changed, failed)) => {
                         last_rebalance = Some(Instant::now());
                         more |= changed;
+                        if failed > 0 {
+                            // Settling before giving lanes back found failures.
+                            failures += 1;
+                            self.stats.healthy.store(false, Ordering::Relaxed);
+                            self.pause(failures).await;
+                        }
                     }
                     Err(e) => {
                         failures += 1;
@@ -423,8 +432,10 @@ impl Relay {
                 listener = self.listen().await;
             }
 
-            let can_read =
-                self.in_flight.len() < self.config.pipeline_depth && !self.lanes.is_empty();
+            // Nothing goes into a purged producer: it is replaced first.
+            let can_read = self.in_flight.len() < self.config.pipeline_depth
+                && !self.lanes.is_empty()
+                && !self.purged;
             let next_rebalance = last_rebalance
                 .map_or(Duration::ZERO, |t| {
                     self.config.rebalance_interval.saturating_sub(t.elapsed())
@@ -485,21 +496,29 @@ impl Relay {
                 .await
                 .map(|full| {
                     more = full;
+                    // Nothing to publish is progress too (a healthy idle relay).
+                    if self.in_flight.is_empty() {
+                        last_progress = Instant::now();
+                    }
                     Settled::default()
                 }),
                 Step::Settle(reports) => {
                     let batch = self.in_flight.pop_front().expect("the front batch settled");
-                    self.settle(batch, reports).await
+                    let settled = self.settle(batch, reports).await;
+                    if let Ok(Settled { failed: 0, .. }) = settled {
+                        last_progress = Instant::now();
+                    }
+                    settled
                 }
             };
             match result {
                 Ok(Settled { failed: 0, dead: 0 }) => {
                     if self.in_flight.is_empty() {
                         self.blocked.clear();
+                        self.unsettled.clear();
                         failures = 0;
                         self.stats.healthy.store(true, Ordering::Relaxed);
                     }
-                    last_progress = Instant::now();
                 }
                 Ok(Settled { failed, .. }) => {
                     // Start again from the failed rows, in order: settle
@@ -508,7 +527,6 @@ impl Relay {
                     if let Err(e) = self.drain().await {
                         self.report(&e, failures);
                     }
-                    self.renew_producer()?;
                     if failed > 0 {
                         failures += 1;
                         self.stats.healthy.store(false, Ordering::Relaxed);
@@ -527,7 +545,6 @@ impl Relay {
                     if let Err(e) = self.drain().await {
                         self.report(&e, failures);
                     }
-                    self.renew_producer()?;
                     self.pause(failures).await;
                     more = true;
                 }
@@ -539,13 +556,15 @@ impl Relay {
 
     /// Takes lanes up to the fair share; giving lanes back first settles
     /// everything in flight, so that no row of a lane another relay may
-    /// take is still on its way. Returns whether the lanes changed.
-    async fn rebalance(&mut self) -> Result<bool> {
+    /// take is still on its way. Returns whether the lanes changed, and the
+    /// deliveries that failed while settling.
+    async fn rebalance(&mut self) -> Result<(bool, usize)> {
         let before = self.lanes.owned();
         let idle = self.in_flight.is_empty() && self.deleting.is_empty();
         let mut result = self.lanes.rebalance(idle).await;
+        let mut failed = 0;
         if let Ok(true) = result {
-            self.drain().await?;
+            failed = self.drain().await?;
             result = self.lanes.rebalance(true).await;
         }
         let changed = self.lanes.owned() != before;
@@ -555,7 +574,7 @@ impl Relay {
         self.stats
             .lanes
             .store(self.lanes.owned().len() as u64, Ordering::Relaxed);
-        result.map(|_| changed)
+        result.map(|_| (changed, failed))
     }
 
     fn drop_prefetch(&mut self) {
@@ -565,30 +584,36 @@ impl Relay {
     }
 
     /// Settles every batch in flight and waits for every delete. A batch
-    /// that passes the delivery timeout meanwhile is purged.
-    async fn drain(&mut self) -> Result<()> {
+    /// that passes the delivery timeout meanwhile is purged; a purged or
+    /// failed producer is replaced. Returns the deliveries that failed.
+    async fn drain(&mut self) -> Result<usize> {
+        tracing::debug!(batches = self.in_flight.len(), "relay: draining");
         self.drop_prefetch();
         let mut outcome = Ok(());
+        let mut failed = 0;
         while let Some(mut batch) = self.in_flight.pop_front() {
             let expiry = batch.started + self.config.delivery_timeout;
             let reports = tokio::select! {
                 reports = batch.reports() => reports,
-                () = tokio::time::sleep_until(expiry.into()), if !self.purged => {
+                () = tokio::time::sleep_until(expiry.into()) => {
                     self.stats.purges.fetch_add(1, Ordering::Relaxed);
                     self.purged = true;
                     self.producer.purge(PurgeConfig::default().queue().inflight());
                     batch.reports().await
                 }
             };
-            if let Err(e) = self.settle(batch, reports).await {
-                outcome = Err(e);
+            match self.settle(batch, reports).await {
+                Ok(settled) => failed += settled.failed,
+                Err(e) => outcome = Err(e),
             }
         }
         self.blocked.clear();
+        self.unsettled.clear();
         if let Err(e) = self.reap_deletes(true).await {
             outcome = Err(e);
         }
-        outcome
+        self.renew_producer()?;
+        outcome.map(|()| failed)
     }
 
     async fn finish(&mut self) {
@@ -649,6 +674,7 @@ impl Relay {
             );
         }
         if fatal.is_some() || self.purged {
+            tracing::debug!("relay: replacing the producer");
             self.producer = publish::producer(&self.config, &self.tracker)?;
             self.purged = false;
         }
@@ -704,6 +730,7 @@ impl Relay {
             )));
         }
         let mut unavailable = None;
+        tracing::debug!(rows = rows.len(), "relay: read");
         if !rows.is_empty() {
             let missing = self.ensure_topics(&rows).await;
             for row in rows.iter().filter(|r| missing.contains_key(&r.topic)) {
@@ -735,6 +762,7 @@ impl Relay {
             pool: &self.pool,
             stats: &self.stats,
             blocked: &mut self.blocked,
+            unsettled: &mut self.unsettled,
             db_timeout: self.config.db_timeout,
             stop: &self.stop,
         }

@@ -62,6 +62,9 @@ pub(super) struct Settle<'a> {
     pub(super) pool: &'a PgPool,
     pub(super) stats: &'a Arc<RelayStats>,
     pub(super) blocked: &'a mut std::collections::HashSet<super::read::Stream>,
+    /// Aggregates with a row not acknowledged in the batches settled since
+    /// the pipeline was last empty.
+    pub(super) unsettled: &'a mut std::collections::HashSet<super::read::Stream>,
     pub(super) db_timeout: Duration,
     pub(super) stop: &'a CancellationToken,
 }
@@ -78,11 +81,19 @@ impl Settle<'_> {
         let mut acknowledged = Vec::with_capacity(batch.rows.len());
         let mut settled = Settled::default();
         for (row, report) in batch.rows.iter().zip(reports) {
-            let blocked = !self.blocked.is_empty() && self.blocked.contains(&row.stream());
+            let stream = row.stream();
+            // An earlier row of this aggregate (in this batch or one before)
+            // was not acknowledged: nothing after it may leave the outbox.
+            let behind = !self.unsettled.is_empty() && self.unsettled.contains(&stream);
             match report {
-                None if !blocked => acknowledged.push((row.id, row.event_id)),
+                None if !behind => {
+                    acknowledged.push((row.id, row.event_id));
+                    continue;
+                }
                 None => {}
-                Some(failure) if failure.permanent && !blocked => {
+                // Refused for good, and no earlier row of its aggregate is
+                // to be retried: set it aside.
+                Some(failure) if failure.permanent && !behind => {
                     let aggregate = format!("{}/{}", row.aggregate_type, row.aggregate_id);
                     tracing::error!(
                         topic = row.topic,
@@ -112,9 +123,8 @@ impl Settle<'_> {
                 }
                 Some(_) => {}
             }
-            if !matches!(acknowledged.last(), Some((id, _)) if *id == row.id) {
-                self.blocked.insert(row.stream());
-            }
+            self.blocked.insert(stream.clone());
+            self.unsettled.insert(stream);
         }
         self.stats
             .failed

@@ -12,6 +12,20 @@
 //!   loser gets [`Error::Conflict`]; [`Store::execute`] reloads and retries a
 //!   bounded number of times with jittered backoff. Handlers are pure, so
 //!   retrying is always safe.
+//! - **No decision on stale state.** Recently committed aggregates are kept
+//!   in memory (a clone, never a serde copy), but an append from a cached
+//!   state must follow the exact head event it was built from, and a refusal
+//!   or an empty result from a cached state is rechecked against the
+//!   stream's head: another writer, another process or a rolled-back
+//!   `execute_in` costs a reload, never a wrong answer.
+//! - **Isolation levels.** Serialization failures and deadlocks (40001,
+//!   40P01) are conflicts like any other. Under REPEATABLE READ or
+//!   SERIALIZABLE, [`Store::execute_in`] returns the first conflict at once:
+//!   its snapshot cannot see the other writer, so only the caller's retry of
+//!   the whole transaction can succeed.
+//! - **Valid keys.** An empty aggregate id, or one over
+//!   [`MAX_AGGREGATE_ID_BYTES`], is refused at append (it would be an empty or
+//!   unwieldy Kafka key).
 //! - **One round trip per append**, whatever the number of events (`UNNEST`).
 //! - **Snapshots** are an optimisation only: a snapshot of another
 //!   [`Aggregate::SNAPSHOT_VERSION`], or one that does not decode, is

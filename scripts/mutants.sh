@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Mutation check of the suite on the write side: breaks one guarantee at a
+# time on purpose, runs the tests meant to prove it, and reports whether they
+# noticed (they must fail). The source is restored after each mutation.
+#
+#   scripts/mutants.sh            every mutation
+#   scripts/mutants.sh M1 R3      the named ones
+#
+# Needs the services of scripts/dev.sh (it starts them). Prints one line per
+# mutation: its id, what it breaks, and CAUGHT (the tests failed) or MISSED.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+scripts/dev.sh up >/dev/null
+eval "$(scripts/dev.sh env)"
+
+# id ~ file ~ text to find ~ replacement (\n for a newline) ~ test target ~ test filter ~ what it breaks
+MUTATIONS=$(cat <<'EOF'
+M1~framework/src/store/append.rs~.bind(expected_head)~.bind(None::<uuid::Uuid>)~store~lost_commit~an append from a cached state checks only the sequence, not the head event
+M2~framework/src/store/cache.rs~Arc::new(state.clone())~Arc::new(serde_json::from_value::<A>(serde_json::to_value(state).unwrap()).unwrap())~store~serde_copy~the cache keeps a serde round trip of the aggregate
+M3~framework/src/store/mod.rs~        if from_cache\n~        if false && from_cache\n~store~stale_cache~a refusal or a no-op from the cache is trusted
+M4~framework/src/store/append.rs~Some("40001" | "40P01")~Some("none")~store~serialization_failures~serialization failures are not conflicts
+M5~framework/src/store/mod.rs~Ok(level != "read committed")~Ok(false)~store~fixed_snapshot~execute_in retries inside a fixed snapshot
+M6~framework/src/store/mod.rs~if !conn.is_in_transaction() {~if false && !conn.is_in_transaction() {~store~without_a_transaction~execute_in runs without a transaction
+M7~framework/src/store/append.rs~    validate_aggregate_id(aggregate_type, aggregate_id)?;\n~~store~aggregate_ids~empty and oversized aggregate ids are accepted
+M8~framework/src/store/append.rs~           WHERE aggregate_type = $1 AND aggregate_id = $2) = $15\n~           WHERE aggregate_type = $1 AND aggregate_id = $2) >= 0\n~store~stale_append~the append skips the sequence check
+R1~framework/src/relay/settle.rs~WHERE o.id = d.id AND o.event_id = d.event_id~WHERE o.id = d.id~relay_faults~reuses_a_published_id~deletes name a row by id only
+R2~framework/src/relay/settle.rs~                None if !blocked => acknowledged.push((row.id, row.event_id)),~                _ if !blocked => acknowledged.push((row.id, row.event_id)),~relay_faults~frozen~rows are deleted whatever their delivery report says
+R3~framework/src/relay/publish.rs~            permanent,\n            held: false,~            permanent: false,\n            held: false,~relay_faults~refused_for_good~rows refused for good are retried forever
+R4~framework/src/relay/lanes.rs~    ELSE hashtext('tidings.lanes.' || current_schema()) END~    ELSE $1 END~relay_faults~two_installations~lane locks ignore the schema
+R5~framework/src/relay/mod.rs~                && last_progress.elapsed() >= self.config.stall_timeout~                && last_progress.elapsed() >= Duration::MAX~relay_faults~cannot_reach_the_broker~a stalled relay keeps its lanes
+R6~framework/src/relay/mod.rs~        match tokio::time::timeout(deadline, work).await {~        match Ok::<_, ()>(work.await) {~relay_faults~shutdown_finishes~shutdown waits for a silent database
+EOF
+)
+
+wanted=("$@")
+printf '%s\n' "$MUTATIONS" | while IFS='~' read -r id file find replace target filter what; do
+    if [ ${#wanted[@]} -gt 0 ] && [[ ! " ${wanted[*]} " == *" $id "* ]]; then continue; fi
+    cp "$file" "$file.orig"
+    if ! python3 - "$file" "$find" "$replace" <<'PY'
+import sys
+path, find, replace = sys.argv[1:4]
+find = find.replace("\\n", "\n")
+replace = replace.replace("\\n", "\n")
+text = open(path).read()
+if find not in text:
+    sys.exit(1)
+open(path, "w").write(text.replace(find, replace, 1))
+PY
+    then
+        echo "$id SKIPPED (text not found in $file): $what"
+        rm -f "$file.orig"
+        continue
+    fi
+    if cargo test --locked -q -p tidings-tests --test "$target" -- "$filter" </dev/null >"/tmp/mutant-$id.log" 2>&1; then
+        verdict="MISSED"
+    elif grep -q "could not compile" "/tmp/mutant-$id.log"; then
+        verdict="DOES-NOT-COMPILE"
+    else
+        verdict="CAUGHT"
+    fi
+    mv "$file.orig" "$file"
+    echo "$id $verdict ($target::$filter): $what"
+done
