@@ -212,6 +212,9 @@ pub async fn consume_from(
     use rdkafka::Message;
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Headers;
+    // A consumer that subscribes before its topic exists may not see the
+    // topic for minutes (metadata refresh): wait until it exists.
+    wait_for_topic(brokers, topic, deadline).await;
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("test_reader"))
@@ -267,6 +270,40 @@ pub async fn consume_from(
         if started.elapsed() > deadline {
             return out;
         }
+    }
+}
+
+/// Waits until the cluster knows `topic` (with partitions), asking for the
+/// metadata of all topics: a request naming a missing topic could create it.
+pub async fn wait_for_topic(brokers: &str, topic: &str, deadline: Duration) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("creating a metadata client");
+    let client = std::sync::Arc::new(client);
+    let started = std::time::Instant::now();
+    loop {
+        let exists = {
+            let client = std::sync::Arc::clone(&client);
+            let topic = topic.to_owned();
+            tokio::task::spawn_blocking(move || {
+                client
+                    .fetch_metadata(None, Duration::from_secs(5))
+                    .map(|m| {
+                        m.topics()
+                            .iter()
+                            .any(|t| t.name() == topic && !t.partitions().is_empty())
+                    })
+                    .unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false)
+        };
+        if exists || started.elapsed() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -31,6 +31,11 @@ fn spawn_relay(
     oneshot::Sender<()>,
     tokio::task::JoinHandle<tidings::Result<()>>,
 ) {
+    // RUST_LOG=tidings=debug shows what the relays do.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let relay = Relay::new(db.pool.clone(), config).expect("relay");
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(relay.run(async move {

@@ -185,10 +185,12 @@ async fn a_broker_frozen_past_the_delivery_deadline_leaves_no_key_out_of_order()
         &db.pool,
         config(&broker.address)
             .delivery_timeout(timeout)
-            .batch_size(50),
+            // Many small batches in flight, enqueued over a second or more
+            // as commits arrive: some expire while later ones still wait.
+            .pipeline_depth(40),
     );
     let aggregates = 10u64;
-    let rounds = 40 * u64::from(scale());
+    let rounds = 80 * u64::from(scale());
     let writer = {
         let store = store.clone();
         tokio::spawn(async move {
@@ -203,14 +205,23 @@ async fn a_broker_frozen_past_the_delivery_deadline_leaves_no_key_out_of_order()
     // A steady load, then the broker freezes for three delivery deadlines.
     wait_count(
         &db.pool,
-        "SELECT count(*) FROM tidings_events",
-        50,
+        "SELECT (count(*) >= 50)::int::int8 FROM tidings_events",
+        1,
         deadline(30),
     )
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     broker.freeze();
     tokio::time::sleep(timeout * 3).await;
+    // Come back right after a delivery failed, while the batches enqueued
+    // after it are still waiting: the moment a gap could open.
+    let failed_before = relay.stats.failed.load(Ordering::Relaxed);
+    let started = Instant::now();
+    while relay.stats.failed.load(Ordering::Relaxed) == failed_before
+        && started.elapsed() < deadline(20)
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     broker.thaw();
     writer.await.unwrap();
     wait_count(
@@ -221,8 +232,9 @@ async fn a_broker_frozen_past_the_delivery_deadline_leaves_no_key_out_of_order()
     )
     .await;
     let purges = relay.stats.purges.load(Ordering::Relaxed);
+    let failed = relay.stats.failed.load(Ordering::Relaxed);
     relay.stop_within(Duration::from_secs(15)).await;
-    assert!(purges > 0, "the freeze outlasted the delivery deadline");
+    assert!(failed > 0, "deliveries failed during the freeze");
 
     let total = (aggregates * rounds) as usize;
     let received = consume_from(
@@ -239,7 +251,7 @@ async fn a_broker_frozen_past_the_delivery_deadline_leaves_no_key_out_of_order()
     // Every key: 1, 2, 3, … in first-seen order, no gap.
     report(
         &format!(
-            "broker frozen (SIGSTOP) for {:?}, 3× the delivery deadline, under load ({purges} purges)",
+            "broker frozen (SIGSTOP) for {:?}, 3× the delivery deadline, under load ({failed} deliveries failed, {purges} purges)",
             timeout * 3
         ),
         &received,
@@ -731,4 +743,63 @@ async fn settings_the_relay_owns_are_refused_not_overridden() {
             "{key}: {error}"
         );
     }
+}
+
+/// The interleaving that a librdkafka message timeout turns into a gap: a
+/// partition's leader is away across the expiry of one message and back
+/// before the expiry of the next. librdkafka's in-process mock cluster
+/// serves here because it can take a broker down and up at exact instants
+/// (the real broker's freeze above covers the same path end to end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_back_between_two_expiries_leaves_no_gap() {
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("a mock cluster");
+    let db = TestDb::new().await;
+    let store = store(&db.pool);
+    let topic = store.topic_of::<Journal>();
+    mock.create_topic(&topic, 1, 1).expect("creating the topic");
+    let servers = mock.bootstrap_servers();
+    let relay = Running::start(
+        &db.pool,
+        config(&servers)
+            .delivery_timeout(Duration::from_secs(3))
+            .create_topics(None),
+    );
+    note(&store, "J-1", "before".into()).await;
+    wait_count(
+        &db.pool,
+        "SELECT count(*) FROM tidings_outbox",
+        0,
+        deadline(30),
+    )
+    .await;
+
+    mock.broker_down(1).expect("taking the broker down");
+    let t0 = Instant::now();
+    note(&store, "J-1", "expires while the leader is away".into()).await;
+    tokio::time::sleep_until((t0 + Duration::from_secs(2)).into()).await;
+    note(&store, "J-1", "still queued when the leader is back".into()).await;
+    // After the first message's 3 s (and librdkafka's 1 s timeout scan),
+    // before the second's.
+    tokio::time::sleep_until((t0 + Duration::from_millis(4200)).into()).await;
+    mock.broker_up(1).expect("bringing the broker back");
+    wait_count(
+        &db.pool,
+        "SELECT count(*) FROM tidings_outbox",
+        0,
+        deadline(60),
+    )
+    .await;
+    let failed = relay.stats.failed.load(Ordering::Relaxed);
+    relay.stop_within(Duration::from_secs(15)).await;
+    assert!(
+        failed > 0,
+        "the first delivery failed while the leader was away"
+    );
+    let received = consume_from(&servers, &topic, 3, Duration::from_secs(2), deadline(60)).await;
+    let expected = BTreeMap::from([("J-1".to_owned(), 3)]);
+    report(
+        "leader away across one message's deadline and back before the next's (mock cluster)",
+        &received,
+        &expected,
+    );
 }
