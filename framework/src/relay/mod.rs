@@ -46,9 +46,11 @@
 //! # Pipeline
 //!
 //! The stages, one file each: `lanes` (which relay owns which aggregates),
-//! `read` (the rows of the owned lanes, in id order), `publish` (the
-//! producer and the delivery reports), `settle` (deletes and failed rows),
-//! `dead` (rows refused for good). Up to [`RelayConfig::pipeline_depth`]
+//! `read` (waking on commits, the rows of the owned lanes in id order, their
+//! topics), `publish` (the producer and the delivery reports), `settle`
+//! (deletes, failed rows, draining the pipeline), `dead` (rows refused for
+//! good); `config` holds the settings and counters. This file is the loop
+//! that connects them. Up to [`RelayConfig::pipeline_depth`]
 //! batches are in flight at once: the relay reads and enqueues the next
 //! batch while earlier ones await their delivery reports, and deletes
 //! acknowledged batches in the background. A failed or refused row blocks
@@ -72,16 +74,17 @@
 //! Requires PostgreSQL 14 or later (the rows in flight are left out of each
 //! read with an `int8multirange`).
 
+mod config;
 mod dead;
 mod lanes;
 mod publish;
 mod read;
 mod settle;
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::{Producer, PurgeConfig};
@@ -91,152 +94,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::kafka::{KafkaConfig, TopicSpec, ensure_topics_each};
 use lanes::Lanes;
-use publish::{Enqueue, InFlight, RelayProducer, Reports, Tracker};
-use read::{Row, Stream, multirange, read_rows};
-use settle::{Deleting, Settle, Settled};
+use publish::{InFlight, RelayProducer, Reports, Tracker};
+use read::{Row, Stream, wait_notification};
+use settle::{Deleting, Settled};
 
+pub use config::{RelayConfig, RelayStats};
 pub use dead::{DeadRow, dead_rows, retry_dead_rows};
 
 /// The channel the outbox trigger notifies.
 pub const OUTBOX_CHANNEL: &str = "tidings_outbox";
-
-/// How a relay runs.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct RelayConfig {
-    /// The brokers and any librdkafka property.
-    pub kafka: KafkaConfig,
-    /// Rows per batch (default 5000).
-    pub batch_size: i64,
-    /// Batches handed to the producer and not yet acknowledged, at most
-    /// (default 4). Memory grows with `batch_size × pipeline_depth`.
-    pub pipeline_depth: usize,
-    /// Fallback poll when no notification arrives (default 1 s).
-    pub poll_interval: Duration,
-    /// How long a batch may wait for its acknowledgements before the relay
-    /// purges the producer and retries from its first unacknowledged row
-    /// (default 30 s, at least 100 ms). librdkafka's own message timeout is
-    /// off: it could reorder.
-    pub delivery_timeout: Duration,
-    /// How often lanes are rebalanced between relays (default 1 s).
-    pub rebalance_interval: Duration,
-    /// The longest backoff after errors (default 30 s).
-    pub max_backoff: Duration,
-    /// Create missing topics with this spec; `None` leaves topics alone.
-    pub create_topics: Option<TopicSpec>,
-    /// The deadline of every database call (default 10 s).
-    pub db_timeout: Duration,
-    /// A relay that owns lanes and has made no progress for this long while
-    /// failing gives its lanes up to other relays and waits as long before
-    /// taking any again (default 60 s).
-    pub stall_timeout: Duration,
-    /// How long shutdown may take to settle what is in flight (default 10 s).
-    pub shutdown_timeout: Duration,
-}
-
-impl RelayConfig {
-    /// Defaults for the given Kafka settings.
-    pub fn new(kafka: KafkaConfig) -> Self {
-        RelayConfig {
-            kafka,
-            batch_size: 5000,
-            pipeline_depth: 4,
-            poll_interval: Duration::from_secs(1),
-            delivery_timeout: Duration::from_secs(30),
-            rebalance_interval: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(30),
-            create_topics: Some(TopicSpec::default()),
-            db_timeout: Duration::from_secs(10),
-            stall_timeout: Duration::from_secs(60),
-            shutdown_timeout: Duration::from_secs(10),
-        }
-    }
-
-    /// Sets [`RelayConfig::batch_size`].
-    pub fn batch_size(mut self, rows: i64) -> Self {
-        self.batch_size = rows.max(1);
-        self
-    }
-
-    /// Sets [`RelayConfig::pipeline_depth`] (at least 1).
-    pub fn pipeline_depth(mut self, batches: usize) -> Self {
-        self.pipeline_depth = batches.max(1);
-        self
-    }
-
-    /// Sets [`RelayConfig::delivery_timeout`] (at least 100 ms).
-    pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
-        self.delivery_timeout = timeout.max(Duration::from_millis(100));
-        self
-    }
-
-    /// Sets [`RelayConfig::poll_interval`].
-    pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval;
-        self
-    }
-
-    /// Sets [`RelayConfig::create_topics`].
-    pub fn create_topics(mut self, spec: Option<TopicSpec>) -> Self {
-        self.create_topics = spec;
-        self
-    }
-
-    /// Sets [`RelayConfig::db_timeout`] (at least 100 ms).
-    pub fn db_timeout(mut self, timeout: Duration) -> Self {
-        self.db_timeout = timeout.max(Duration::from_millis(100));
-        self
-    }
-
-    /// Sets [`RelayConfig::stall_timeout`].
-    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
-        self.stall_timeout = timeout;
-        self
-    }
-
-    /// Sets [`RelayConfig::shutdown_timeout`].
-    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
-        self.shutdown_timeout = timeout;
-        self
-    }
-
-    /// Sets [`RelayConfig::max_backoff`].
-    pub fn max_backoff(mut self, backoff: Duration) -> Self {
-        self.max_backoff = backoff;
-        self
-    }
-}
-
-/// Counters of a running relay, readable while it runs.
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    /// Rows acknowledged by the broker and deleted.
-    pub published: AtomicU64,
-    /// Deliveries that failed (and were kept for retry); rows merely held
-    /// behind a failed row are not counted.
-    pub failed: AtomicU64,
-    /// Rows refused for good and set aside as dead rows.
-    pub dead: AtomicU64,
-    /// Batches handled.
-    pub batches: AtomicU64,
-    /// Errors of the database or the broker that made the relay back off.
-    pub errors: AtomicU64,
-    /// Times the relay purged its producer after the delivery timeout.
-    pub purges: AtomicU64,
-    /// Times the relay gave its lanes up after making no progress.
-    pub stalls: AtomicU64,
-    /// Lanes owned now.
-    pub lanes: AtomicU64,
-    /// Rows read in batches (with `batches`, the mean batch size).
-    pub batch_rows: AtomicU64,
-    /// Microseconds from reading batches to deleting them (with `batches`,
-    /// the mean batch latency).
-    pub batch_micros: AtomicU64,
-    /// False while the relay is failing or has given its lanes up.
-    pub healthy: AtomicBool,
-}
 
 /// Runs `work` with a deadline; a silent server or network becomes
 /// [`Error::Timeout`] instead of a wait of minutes.
@@ -583,39 +450,6 @@ impl Relay {
         }
     }
 
-    /// Settles every batch in flight and waits for every delete. A batch
-    /// that passes the delivery timeout meanwhile is purged; a purged or
-    /// failed producer is replaced. Returns the deliveries that failed.
-    async fn drain(&mut self) -> Result<usize> {
-        tracing::debug!(batches = self.in_flight.len(), "relay: draining");
-        self.drop_prefetch();
-        let mut outcome = Ok(());
-        let mut failed = 0;
-        while let Some(mut batch) = self.in_flight.pop_front() {
-            let expiry = batch.started + self.config.delivery_timeout;
-            let reports = tokio::select! {
-                reports = batch.reports() => reports,
-                () = tokio::time::sleep_until(expiry.into()) => {
-                    self.stats.purges.fetch_add(1, Ordering::Relaxed);
-                    self.purged = true;
-                    self.producer.purge(PurgeConfig::default().queue().inflight());
-                    batch.reports().await
-                }
-            };
-            match self.settle(batch, reports).await {
-                Ok(settled) => failed += settled.failed,
-                Err(e) => outcome = Err(e),
-            }
-        }
-        self.blocked.clear();
-        self.unsettled.clear();
-        if let Err(e) = self.reap_deletes(true).await {
-            outcome = Err(e);
-        }
-        self.renew_producer()?;
-        outcome.map(|()| failed)
-    }
-
     async fn finish(&mut self) {
         if let Err(error) = self.drain().await {
             tracing::warn!(%error, "relay: settling the last batches; their rows will be published again");
@@ -645,23 +479,6 @@ impl Relay {
         }
     }
 
-    async fn listen(&mut self) -> Option<PgListener> {
-        let limit = self.config.db_timeout;
-        let connect = async {
-            let mut listener = PgListener::connect_with(&self.pool)
-                .await
-                .map_err(Error::db("listening for outbox commits"))?;
-            listener
-                .listen(OUTBOX_CHANNEL)
-                .await
-                .map_err(Error::db("listening for outbox commits"))?;
-            Ok(listener)
-        };
-        within(limit, "listening for outbox commits", connect)
-            .await
-            .ok()
-    }
-
     /// Replaces the producer after a fatal error or a purge (the tracker is
     /// shared, so tickets go on).
     fn renew_producer(&mut self) -> Result<()> {
@@ -679,168 +496,5 @@ impl Relay {
             self.purged = false;
         }
         Ok(())
-    }
-
-    /// The rows in flight or being deleted, and `more`, as an
-    /// `int8multirange` literal.
-    fn busy(&self, more: &[Row]) -> String {
-        let mut ids: Vec<i64> = self
-            .in_flight
-            .iter()
-            .flat_map(|b| b.rows.iter().map(|r| r.id))
-            .chain(self.deleting.iter().flat_map(|d| d.ids.iter().copied()))
-            .chain(more.iter().map(|r| r.id))
-            .collect();
-        multirange(&mut ids)
-    }
-
-    /// Takes the next batch of the owned lanes in id order (read ahead, or
-    /// read now) and hands it to the producer; after a full batch, starts
-    /// reading the one after it. Returns whether the batch was full.
-    async fn read_and_enqueue(&mut self) -> Result<bool> {
-        let lanes = self.lanes.owned();
-        if lanes.is_empty() {
-            self.drop_prefetch();
-            return Ok(false);
-        }
-        let size = self.config.batch_size;
-        let limit = self.config.db_timeout;
-        let rows = match self.prefetch.take() {
-            Some(task) => {
-                within(
-                    limit,
-                    "reading the outbox",
-                    settle::joined(task, "reading the outbox"),
-                )
-                .await?
-            }
-            None => {
-                let read = read_rows(self.pool.clone(), lanes.clone(), size, self.busy(&[]));
-                within(limit, "reading the outbox", read).await?
-            }
-        };
-        let full = rows.len() as i64 == size;
-        if full {
-            let busy = self.busy(&rows);
-            self.prefetch = Some(tokio::spawn(read_rows(
-                self.pool.clone(),
-                lanes,
-                size,
-                busy,
-            )));
-        }
-        let mut unavailable = None;
-        tracing::debug!(rows = rows.len(), "relay: read");
-        if !rows.is_empty() {
-            let missing = self.ensure_topics(&rows).await;
-            for row in rows.iter().filter(|r| missing.contains_key(&r.topic)) {
-                self.blocked.insert(row.stream());
-            }
-            unavailable = missing.into_values().next();
-            let batch = Enqueue {
-                producer: &self.producer,
-                tracker: &self.tracker,
-                next_ticket: &mut self.next_ticket,
-                blocked: &mut self.blocked,
-            }
-            .batch(rows)
-            .await;
-            self.in_flight.push_back(batch);
-        }
-        // The rows of topics that exist went out; those of a topic that is
-        // not available wait, after a backoff.
-        match unavailable {
-            Some(error) => Err(error),
-            None => Ok(full),
-        }
-    }
-
-    /// Settles a batch and keeps at most two deletes running (waiting for
-    /// the oldest first).
-    async fn settle(&mut self, batch: InFlight, reports: Reports) -> Result<Settled> {
-        let (settled, delete) = Settle {
-            pool: &self.pool,
-            stats: &self.stats,
-            blocked: &mut self.blocked,
-            unsettled: &mut self.unsettled,
-            db_timeout: self.config.db_timeout,
-            stop: &self.stop,
-        }
-        .batch(batch, reports)
-        .await?;
-        if let Some(delete) = delete {
-            if self.deleting.len() >= 2 {
-                let oldest = self.deleting.pop_front().expect("two deletes");
-                oldest.finish().await?;
-            }
-            self.deleting.push_back(delete);
-        }
-        Ok(settled)
-    }
-
-    /// Collects finished deletes (all of them with `wait`).
-    async fn reap_deletes(&mut self, wait: bool) -> Result<()> {
-        let mut outcome = Ok(());
-        while let Some(front) = self.deleting.front() {
-            if !wait && !front.is_finished() {
-                break;
-            }
-            let done = self.deleting.pop_front().expect("a front delete");
-            if let Err(e) = done.finish().await {
-                outcome = Err(e);
-            }
-        }
-        outcome
-    }
-
-    /// Makes sure the batch's topics exist, creating missing ones when
-    /// configured to (each topic on its own: one that cannot be created
-    /// holds only its own rows). Returns the topics that are not available,
-    /// with why.
-    async fn ensure_topics(&mut self, rows: &[Row]) -> std::collections::HashMap<String, Error> {
-        let mut unavailable = std::collections::HashMap::new();
-        let Some(spec) = &self.config.create_topics else {
-            return unavailable;
-        };
-        let missing: BTreeSet<String> = rows
-            .iter()
-            .filter(|r| !self.known_topics.contains(&r.topic))
-            .filter(|r| crate::names::validate_topic_name(&r.topic).is_ok())
-            .map(|r| r.topic.clone())
-            .collect();
-        if missing.is_empty() {
-            return unavailable;
-        }
-        for (topic, outcome) in ensure_topics_each(&self.config.kafka, &missing, spec).await {
-            match outcome {
-                Ok(()) => {
-                    self.known_topics.insert(topic);
-                }
-                Err(error) => {
-                    tracing::warn!(topic, %error, "relay: a topic is not available; its rows wait");
-                    unavailable.insert(topic, error);
-                }
-            }
-        }
-        unavailable
-    }
-}
-
-/// Waits for a notification, then takes every one already received: one
-/// wake per burst, whatever the number of commits.
-async fn wait_notification(listener: &mut Option<PgListener>) -> bool {
-    use futures::FutureExt;
-    match listener {
-        Some(l) => match l.recv().await {
-            Ok(_) => {
-                while let Some(Ok(Some(_))) = l.try_recv().now_or_never() {}
-                true
-            }
-            Err(_) => {
-                *listener = None;
-                false
-            }
-        },
-        None => std::future::pending().await,
     }
 }

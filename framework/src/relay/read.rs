@@ -9,19 +9,29 @@
 //! - **Held aggregates stay held.** Rows of an aggregate with a dead row
 //!   (set aside by [`super::dead`]) are left out until the dead row is
 //!   retried, so the aggregate's order holds across the quarantine.
+//! - **One wake per burst.** After a notification the relay takes every one
+//!   already received, so a burst of commits costs one read, not one each.
+//! - **Topics per topic.** Topics are described first (one all-topics
+//!   metadata request, which never auto-creates) and only missing ones are
+//!   created; a topic that cannot be created holds only its own rows.
 //! - **A bad row is one row's problem.** Stored headers are decoded per
 //!   row, so a row that cannot be read as expected is set aside, not an
 //!   error of every read.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use sqlx::PgPool;
+use sqlx::postgres::PgListener;
 
+use super::publish::Enqueue;
+use super::{OUTBOX_CHANNEL, Relay, settle, within};
 use crate::envelope::{
     HEADER_AGGREGATE_TYPE, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_EVENT_VERSION,
 };
 use crate::error::{Error, Result};
+use crate::kafka::ensure_topics_each;
 
 /// One outbox row, as the relay reads it.
 #[derive(Debug, sqlx::FromRow)]
@@ -128,6 +138,150 @@ pub(super) async fn read_rows(
     .fetch_all(&pool)
     .await
     .map_err(Error::db("reading the outbox"))
+}
+
+impl Relay {
+    pub(super) async fn listen(&mut self) -> Option<PgListener> {
+        let limit = self.config.db_timeout;
+        let connect = async {
+            let mut listener = PgListener::connect_with(&self.pool)
+                .await
+                .map_err(Error::db("listening for outbox commits"))?;
+            listener
+                .listen(OUTBOX_CHANNEL)
+                .await
+                .map_err(Error::db("listening for outbox commits"))?;
+            Ok(listener)
+        };
+        within(limit, "listening for outbox commits", connect)
+            .await
+            .ok()
+    }
+
+    /// The rows in flight or being deleted, and `more`, as an
+    /// `int8multirange` literal.
+    fn busy(&self, more: &[Row]) -> String {
+        let mut ids: Vec<i64> = self
+            .in_flight
+            .iter()
+            .flat_map(|b| b.rows.iter().map(|r| r.id))
+            .chain(self.deleting.iter().flat_map(|d| d.ids.iter().copied()))
+            .chain(more.iter().map(|r| r.id))
+            .collect();
+        multirange(&mut ids)
+    }
+
+    /// Takes the next batch of the owned lanes in id order (read ahead, or
+    /// read now) and hands it to the producer; after a full batch, starts
+    /// reading the one after it. Returns whether the batch was full.
+    pub(super) async fn read_and_enqueue(&mut self) -> Result<bool> {
+        let lanes = self.lanes.owned();
+        if lanes.is_empty() {
+            self.drop_prefetch();
+            return Ok(false);
+        }
+        let size = self.config.batch_size;
+        let limit = self.config.db_timeout;
+        let rows = match self.prefetch.take() {
+            Some(task) => {
+                within(
+                    limit,
+                    "reading the outbox",
+                    settle::joined(task, "reading the outbox"),
+                )
+                .await?
+            }
+            None => {
+                let read = read_rows(self.pool.clone(), lanes.clone(), size, self.busy(&[]));
+                within(limit, "reading the outbox", read).await?
+            }
+        };
+        let full = rows.len() as i64 == size;
+        if full {
+            let busy = self.busy(&rows);
+            self.prefetch = Some(tokio::spawn(read_rows(
+                self.pool.clone(),
+                lanes,
+                size,
+                busy,
+            )));
+        }
+        let mut unavailable = None;
+        tracing::debug!(rows = rows.len(), "relay: read");
+        if !rows.is_empty() {
+            let missing = self.ensure_topics(&rows).await;
+            for row in rows.iter().filter(|r| missing.contains_key(&r.topic)) {
+                self.blocked.insert(row.stream());
+            }
+            unavailable = missing.into_values().next();
+            let batch = Enqueue {
+                producer: &self.producer,
+                tracker: &self.tracker,
+                next_ticket: &mut self.next_ticket,
+                blocked: &mut self.blocked,
+            }
+            .batch(rows)
+            .await;
+            self.in_flight.push_back(batch);
+        }
+        // The rows of topics that exist went out; those of a topic that is
+        // not available wait, after a backoff.
+        match unavailable {
+            Some(error) => Err(error),
+            None => Ok(full),
+        }
+    }
+
+    /// Makes sure the batch's topics exist, creating missing ones when
+    /// configured to (each topic on its own: one that cannot be created
+    /// holds only its own rows). Returns the topics that are not available,
+    /// with why.
+    async fn ensure_topics(&mut self, rows: &[Row]) -> HashMap<String, Error> {
+        let mut unavailable = HashMap::new();
+        let Some(spec) = &self.config.create_topics else {
+            return unavailable;
+        };
+        let missing: BTreeSet<String> = rows
+            .iter()
+            .filter(|r| !self.known_topics.contains(&r.topic))
+            .filter(|r| crate::names::validate_topic_name(&r.topic).is_ok())
+            .map(|r| r.topic.clone())
+            .collect();
+        if missing.is_empty() {
+            return unavailable;
+        }
+        for (topic, outcome) in ensure_topics_each(&self.config.kafka, &missing, spec).await {
+            match outcome {
+                Ok(()) => {
+                    self.known_topics.insert(topic);
+                }
+                Err(error) => {
+                    tracing::warn!(topic, %error, "relay: a topic is not available; its rows wait");
+                    unavailable.insert(topic, error);
+                }
+            }
+        }
+        unavailable
+    }
+}
+
+/// Waits for a notification, then takes every one already received: one
+/// wake per burst, whatever the number of commits.
+pub(super) async fn wait_notification(listener: &mut Option<PgListener>) -> bool {
+    use futures::FutureExt;
+    match listener {
+        Some(l) => match l.recv().await {
+            Ok(_) => {
+                while let Some(Ok(Some(_))) = l.try_recv().now_or_never() {}
+                true
+            }
+            Err(_) => {
+                *listener = None;
+                false
+            }
+        },
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

@@ -22,12 +22,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use rdkafka::producer::{Producer, PurgeConfig};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::publish::{InFlight, Reports};
-use super::{RelayStats, within};
+use super::{Relay, RelayStats, within};
 use crate::error::{Error, Result};
 
 /// Acknowledged rows being deleted (they stay out of reads until the
@@ -155,6 +156,79 @@ impl Settle<'_> {
             Ok(())
         });
         Ok((settled, Some(Deleting { ids, task })))
+    }
+}
+
+impl Relay {
+    /// Settles every batch in flight and waits for every delete. A batch
+    /// that passes the delivery timeout meanwhile is purged; a purged or
+    /// failed producer is replaced. Returns the deliveries that failed.
+    pub(super) async fn drain(&mut self) -> Result<usize> {
+        tracing::debug!(batches = self.in_flight.len(), "relay: draining");
+        self.drop_prefetch();
+        let mut outcome = Ok(());
+        let mut failed = 0;
+        while let Some(mut batch) = self.in_flight.pop_front() {
+            let expiry = batch.started + self.config.delivery_timeout;
+            let reports = tokio::select! {
+                reports = batch.reports() => reports,
+                () = tokio::time::sleep_until(expiry.into()) => {
+                    self.stats.purges.fetch_add(1, Ordering::Relaxed);
+                    self.purged = true;
+                    self.producer.purge(PurgeConfig::default().queue().inflight());
+                    batch.reports().await
+                }
+            };
+            match self.settle(batch, reports).await {
+                Ok(settled) => failed += settled.failed,
+                Err(e) => outcome = Err(e),
+            }
+        }
+        self.blocked.clear();
+        self.unsettled.clear();
+        if let Err(e) = self.reap_deletes(true).await {
+            outcome = Err(e);
+        }
+        self.renew_producer()?;
+        outcome.map(|()| failed)
+    }
+
+    /// Settles a batch and keeps at most two deletes running (waiting for
+    /// the oldest first).
+    pub(super) async fn settle(&mut self, batch: InFlight, reports: Reports) -> Result<Settled> {
+        let (settled, delete) = Settle {
+            pool: &self.pool,
+            stats: &self.stats,
+            blocked: &mut self.blocked,
+            unsettled: &mut self.unsettled,
+            db_timeout: self.config.db_timeout,
+            stop: &self.stop,
+        }
+        .batch(batch, reports)
+        .await?;
+        if let Some(delete) = delete {
+            if self.deleting.len() >= 2 {
+                let oldest = self.deleting.pop_front().expect("two deletes");
+                oldest.finish().await?;
+            }
+            self.deleting.push_back(delete);
+        }
+        Ok(settled)
+    }
+
+    /// Collects finished deletes (all of them with `wait`).
+    pub(super) async fn reap_deletes(&mut self, wait: bool) -> Result<()> {
+        let mut outcome = Ok(());
+        while let Some(front) = self.deleting.front() {
+            if !wait && !front.is_finished() {
+                break;
+            }
+            let done = self.deleting.pop_front().expect("a front delete");
+            if let Err(e) = done.finish().await {
+                outcome = Err(e);
+            }
+        }
+        outcome
     }
 }
 
