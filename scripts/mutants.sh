@@ -23,9 +23,9 @@ M4~framework/src/store/append.rs~Some("40001" | "40P01")~Some("none")~store~seri
 M5~framework/src/store/mod.rs~Ok(level != "read committed")~Ok(false)~store~fixed_snapshot~execute_in retries inside a fixed snapshot
 M6~framework/src/store/mod.rs~if !conn.is_in_transaction() {~if false && !conn.is_in_transaction() {~store~without_a_transaction~execute_in runs without a transaction
 M7~framework/src/store/append.rs~    validate_aggregate_id(aggregate_type, aggregate_id)?;\n~~store~aggregate_ids~empty and oversized aggregate ids are accepted
-M8~framework/src/store/append.rs~           WHERE aggregate_type = $1 AND aggregate_id = $2) = $15\n~           WHERE aggregate_type = $1 AND aggregate_id = $2) >= 0\n~store~stale_append~the append skips the sequence check
+M8~framework/src/store/append.rs~           WHERE aggregate_type = $1 AND aggregate_id = $2) = $15\n~           WHERE aggregate_type = $1 AND aggregate_id = $2) >= 0\n~store~stream_end~the append skips the sequence check (gaps)
 R1~framework/src/relay/settle.rs~WHERE o.id = d.id AND o.event_id = d.event_id~WHERE o.id = d.id~relay_faults~reuses_a_published_id~deletes name a row by id only
-R2~framework/src/relay/settle.rs~                None if !blocked => acknowledged.push((row.id, row.event_id)),~                _ if !blocked => acknowledged.push((row.id, row.event_id)),~relay_faults~frozen~rows are deleted whatever their delivery report says
+R2~framework/src/relay/settle.rs~                None if !behind => {~                _ if !behind => {~relay_faults~frozen~rows are deleted whatever their delivery report says
 R3~framework/src/relay/publish.rs~            permanent,\n            held: false,~            permanent: false,\n            held: false,~relay_faults~refused_for_good~rows refused for good are retried forever
 R4~framework/src/relay/lanes.rs~    ELSE hashtext('tidings.lanes.' || current_schema()) END~    ELSE $1 END~relay_faults~two_installations~lane locks ignore the schema
 R5~framework/src/relay/mod.rs~                && last_progress.elapsed() >= self.config.stall_timeout~                && last_progress.elapsed() >= Duration::MAX~relay_faults~cannot_reach_the_broker~a stalled relay keeps its lanes

@@ -154,9 +154,17 @@ pub(crate) async fn apply_batch<P: Projection>(
                     if let Some(reason) = poison.get(&m.offset) {
                         return (stream, Decoded::Poison(reason.clone(), sequence));
                     }
-                    match raw.decode::<P::Event>() {
-                        Ok(envelope) => (stream, Decoded::Event(envelope)),
-                        Err(e) => (stream, Decoded::Poison(e.to_string(), sequence)),
+                    // Decoding runs user code (typed upcasters, custom
+                    // Deserialize impls): a panic there is this event's
+                    // poison, never the partition's end.
+                    let decoding = std::panic::AssertUnwindSafe(|| raw.decode::<P::Event>());
+                    match std::panic::catch_unwind(decoding) {
+                        Ok(Ok(envelope)) => (stream, Decoded::Event(envelope)),
+                        Ok(Err(e)) => (stream, Decoded::Poison(e.to_string(), sequence)),
+                        Err(panic) => {
+                            let reason = format!("decoding panicked: {}", panic_message(&*panic));
+                            (stream, Decoded::Poison(reason, sequence))
+                        }
                     }
                 }
                 Err(e) => {
@@ -269,14 +277,9 @@ pub(crate) async fn apply_batch<P: Projection>(
         let applied = match futures::FutureExt::catch_unwind(applying).await {
             Ok(result) => result,
             Err(panic) => {
-                let why = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".to_owned());
                 return Err(Failure::Poison {
                     offset: message.offset,
-                    reason: format!("the projection panicked: {why}"),
+                    reason: format!("the projection panicked: {}", panic_message(&*panic)),
                 });
             }
         };
@@ -412,4 +415,13 @@ pub(crate) async fn apply_batch<P: Projection>(
     tx.commit().await.map_err(db("committing a batch"))?;
     outcome.next_offset = Some(new_next);
     Ok(outcome)
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
 }

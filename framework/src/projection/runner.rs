@@ -468,7 +468,11 @@ async fn partition_worker<P: Projection>(
                     });
                 }
             }
-            match apply_batch(
+            // Every message's own code runs under a guard that turns a
+            // panic into that message's poison; this one is the net for
+            // anything else, so the worker (and what is queued to it)
+            // never dies with the partition still assigned.
+            let applying = std::panic::AssertUnwindSafe(apply_batch(
                 &pool,
                 projection.as_ref(),
                 generation,
@@ -476,9 +480,16 @@ async fn partition_worker<P: Projection>(
                 &poison,
                 &dlq,
                 &producer,
-            )
-            .await
-            {
+            ));
+            let applied = futures::FutureExt::catch_unwind(applying)
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(Failure::Transient(format!(
+                        "the batch panicked: {}",
+                        super::apply::panic_message(&*panic)
+                    )))
+                });
+            match applied {
                 Ok(outcome) => {
                     stats.applied.fetch_add(outcome.applied, Ordering::Relaxed);
                     stats.skipped.fetch_add(outcome.skipped, Ordering::Relaxed);
