@@ -30,6 +30,9 @@ R3~framework/src/relay/publish.rs~            permanent,\n            held: fals
 R4~framework/src/relay/lanes.rs~    ELSE hashtext('tidings.lanes.' || current_schema()) END~    ELSE $1 END~relay_faults~two_installations~lane locks ignore the schema
 R5~framework/src/relay/mod.rs~                && last_progress.elapsed() >= self.config.stall_timeout~                && last_progress.elapsed() >= Duration::MAX~relay_faults~cannot_reach_the_broker~a stalled relay keeps its lanes
 R6~framework/src/relay/mod.rs~        match tokio::time::timeout(deadline, work).await {~        match Ok::<_, ()>(work.await) {~relay_faults~shutdown_finishes~shutdown waits for a silent database
+P1~framework/src/projection/apply.rs~                    match std::panic::catch_unwind(decoding) {~                    match Ok::<_, Box<dyn std::any::Any + Send>>(decoding()) {~projection_faults~panic_while_decoding~a panic while decoding is not caught
+P2~framework/src/projection/runner.rs~match consumer.seek(topic, *partition, offset, Duration::from_secs(10)) {~match Ok::<(), rdkafka::error::KafkaError>(()) {~projection_faults~group_offset_ahead~partitions start at the group's Kafka offset, not the PostgreSQL checkpoint
+P3~framework/src/projection/runner.rs~            instance.simple()\n        )~            ""\n        )~projection_faults~two_databases~the group id leaves out the database's registration
 EOF
 )
 

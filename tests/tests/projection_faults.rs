@@ -165,3 +165,118 @@ async fn a_panic_while_decoding_dead_letters_that_event_and_drops_nothing_behind
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
+
+/// Writes `per` events to each of `counters` counters through the store,
+/// publishes them with a relay and waits until the runner applied them.
+async fn publish_counters(db: &TestDb, store: &tidings::Store, counters: usize, per: usize) -> u64 {
+    use tidings_tests::pipeline::{Counter, write};
+    write(store, counters, 1, counters * per, Duration::ZERO).await;
+    let relay = tidings::relay::Relay::new(
+        db.pool.clone(),
+        tidings::relay::RelayConfig::new(KafkaConfig::new(brokers())),
+    )
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(relay.run(async move {
+        let _ = stopped.await;
+    }));
+    let started = Instant::now();
+    while tidings::store::outbox_status(&db.pool).await.unwrap().depth > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the outbox did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    let _ = store.topic_of::<Counter>();
+    (counters * per) as u64
+}
+
+fn counter_runner(
+    db: &TestDb,
+    prefix: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<tidings::Result<()>>,
+) {
+    let config = RunnerConfig::new(KafkaConfig::new(brokers()))
+        .topic_prefix(prefix)
+        .max_backoff(Duration::from_secs(1));
+    let runner = Runner::new(
+        db.pool.clone(),
+        tidings_tests::pipeline::CounterView,
+        config,
+    )
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+fn prefix_of(store: &tidings::Store) -> String {
+    store
+        .topic_of::<tidings_tests::pipeline::Counter>()
+        .trim_end_matches("counters")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_offset_ahead_of_the_postgres_checkpoint_skips_nothing() {
+    use tidings_tests::pipeline::{CounterView, wait_applied};
+    let db = TestDb::new().await;
+    CounterView::create_table(&db.pool).await;
+    let store = tidings_tests::prefixed_store(&db);
+    let prefix = prefix_of(&store);
+    let committed = publish_counters(&db, &store, 6, 10).await;
+    let (stop, task) = counter_runner(&db, &prefix);
+    wait_applied(&db.pool, committed, Duration::from_secs(60)).await;
+    // Let the group commit its offsets (auto-commit every 5 s, and on close).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    // The read model's database comes back from a backup taken before any
+    // of it: Kafka's group offsets are now ahead of every checkpoint.
+    for sql in [
+        "TRUNCATE counter_view",
+        "DELETE FROM tidings_checkpoints",
+        "DELETE FROM tidings_projection_streams",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    let (stop, task) = counter_runner(&db, &prefix);
+    wait_applied(&db.pool, committed, Duration::from_secs(60)).await;
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    let applied: i64 = sqlx::query_scalar("SELECT sum(events)::bigint FROM counter_view")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied as u64, committed, "every event applied again, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_databases_running_one_projection_on_the_same_topics_each_see_every_event() {
+    use tidings_tests::pipeline::{CounterView, wait_applied};
+    let first = TestDb::new().await;
+    let second = TestDb::new().await;
+    CounterView::create_table(&first.pool).await;
+    CounterView::create_table(&second.pool).await;
+    let store = tidings_tests::prefixed_store(&first);
+    let prefix = prefix_of(&store);
+    let committed = publish_counters(&first, &store, 12, 5).await;
+    // Blue/green: a second read-model database, same projection, same topics.
+    let runners = [
+        counter_runner(&first, &prefix),
+        counter_runner(&second, &prefix),
+    ];
+    wait_applied(&first.pool, committed, Duration::from_secs(60)).await;
+    wait_applied(&second.pool, committed, Duration::from_secs(60)).await;
+    for (stop, task) in runners {
+        stop.send(()).unwrap();
+        task.await.unwrap().unwrap();
+    }
+}

@@ -139,8 +139,11 @@ impl ConsumerContext for RunnerContext {
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
+            // Nothing is fetched from the group's offset: the runner seeks
+            // each partition to its checkpoint in PostgreSQL, then resumes.
+            let _ = consumer.pause(list);
             let _ = self.changes.send(Change::Assigned(partitions(list)));
         }
     }
@@ -212,7 +215,7 @@ impl<P: Projection> Runner<P> {
         let dlq = self.dead_letter_topic();
         loop {
             let setup = async {
-                let generation = status::register(&self.pool, &name).await?;
+                let registration = status::register(&self.pool, &name).await?;
                 // The topics read are created if missing (as the relay would),
                 // so that the subscription sees them at once.
                 let mut topics: BTreeSet<String> = self.topics().into_iter().collect();
@@ -223,10 +226,10 @@ impl<P: Projection> Runner<P> {
                     &self.config.dead_letter_topic_spec,
                 )
                 .await?;
-                Ok::<_, Error>(generation)
+                Ok::<_, Error>(registration)
             };
-            let generation = match setup.await {
-                Ok(generation) => generation,
+            let (generation, instance) = match setup.await {
+                Ok(registration) => registration,
                 Err(error) => {
                     if let Error::Config(_) = error {
                         return Err(error);
@@ -241,7 +244,10 @@ impl<P: Projection> Runner<P> {
                 }
             };
             failures = 0;
-            match self.consume(generation, &dlq, &mut shutdown).await? {
+            match self
+                .consume(generation, instance, &dlq, &mut shutdown)
+                .await?
+            {
                 End::Shutdown => return Ok(()),
                 End::NewGeneration => {
                     tracing::info!(
@@ -253,14 +259,27 @@ impl<P: Projection> Runner<P> {
         }
     }
 
+    /// The consumer group: the prefix, the topic prefix, the projection, the
+    /// identity of its registration in this database, the generation.
+    pub(crate) fn group_id(&self, generation: i32, instance: uuid::Uuid) -> String {
+        format!(
+            "{}.{}{}.{}.g{generation}",
+            self.config.group_prefix,
+            self.config.topic_prefix,
+            self.projection.name(),
+            instance.simple()
+        )
+    }
+
     async fn consume(
         &self,
         generation: i32,
+        instance: uuid::Uuid,
         dlq: &str,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<End> {
         let name = self.projection.name().to_owned();
-        let group = format!("{}.{name}.g{generation}", self.config.group_prefix);
+        let group = self.group_id(generation, instance);
         let (changes_tx, mut changes) = mpsc::unbounded_channel();
         let mut client = self.config.kafka.client_config()?;
         client
@@ -310,6 +329,8 @@ impl<P: Projection> Runner<P> {
 
         let (stale_tx, mut stale) = mpsc::unbounded_channel::<()>();
         let mut workers: HashMap<Key, Worker> = HashMap::new();
+        // Assigned partitions not yet sought to their checkpoint (paused).
+        let mut unsought: Vec<Key> = Vec::new();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let mut last_generation_check = Instant::now();
         let capacity = self.config.batch_size * 2;
@@ -328,13 +349,8 @@ impl<P: Projection> Runner<P> {
                     }
                     Change::Assigned(list) => {
                         tracing::info!(projection = name, partitions = ?list, "projection: partitions assigned");
-                        // A pause survives revocation in librdkafka: a partition
-                        // that comes back must flow again.
-                        let mut assigned = TopicPartitionList::new();
-                        for (topic, partition) in &list {
-                            assigned.add_partition(topic, *partition);
-                        }
-                        let _ = consumer.resume(&assigned);
+                        unsought.extend(list);
+                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought).await;
                     }
                 },
                 received = consumer.recv() => match received {
@@ -380,6 +396,9 @@ impl<P: Projection> Runner<P> {
                     }
                 },
                 _ = tick.tick() => {
+                    if !unsought.is_empty() {
+                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought).await;
+                    }
                     for (key, worker) in workers.iter_mut() {
                         flush(&consumer, key, worker);
                     }
@@ -403,6 +422,60 @@ impl<P: Projection> Runner<P> {
         consumer.unsubscribe();
         Ok(end)
     }
+}
+
+/// Seeks each partition of `unsought` to the checkpoint stored in
+/// PostgreSQL (the beginning when there is none) and resumes it: the
+/// database, not the group's Kafka offset, decides where reading starts. On
+/// a database error the partitions stay paused and are tried again.
+async fn seek_to_checkpoints(
+    pool: &PgPool,
+    name: &str,
+    consumer: &StreamConsumer<RunnerContext>,
+    unsought: &mut Vec<Key>,
+) {
+    let checkpoints: Vec<(String, i32, i64)> = match tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::query_as(
+            "SELECT topic, partition, next_offset FROM tidings_checkpoints WHERE projection = $1",
+        )
+        .bind(name)
+        .fetch_all(pool),
+    )
+    .await
+    {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(error)) => {
+            tracing::warn!(projection = name, %error, "projection: reading checkpoints to seek to; retrying");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(
+                projection = name,
+                "projection: reading checkpoints timed out; retrying"
+            );
+            return;
+        }
+    };
+    let mut sought = TopicPartitionList::new();
+    unsought.retain(|(topic, partition)| {
+        let offset = checkpoints
+            .iter()
+            .find(|(t, p, _)| t == topic && p == partition)
+            .map_or(Offset::Beginning, |(_, _, next)| Offset::Offset(*next));
+        match consumer.seek(topic, *partition, offset, Duration::from_secs(10)) {
+            Ok(()) => {
+                tracing::debug!(projection = name, topic, partition, ?offset, "projection: sought to the checkpoint");
+                sought.add_partition(topic, *partition);
+                false
+            }
+            Err(error) => {
+                tracing::warn!(projection = name, topic, partition, %error, "projection: seeking to the checkpoint; retrying");
+                true
+            }
+        }
+    });
+    let _ = consumer.resume(&sought);
 }
 
 /// Moves pending messages into the worker's queue; pauses the partition at

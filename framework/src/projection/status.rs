@@ -9,16 +9,21 @@ use crate::error::{Error, Result};
 use crate::kafka::KafkaConfig;
 use crate::projection::{ApplyError, Projection, validate_projection_name};
 
-/// Registers a projection if new; returns its generation.
-pub(crate) async fn register(pool: &PgPool, name: &str) -> Result<i32> {
-    sqlx::query_scalar(
-        "INSERT INTO tidings_projections (name) VALUES ($1) \
-         ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING generation",
-    )
-    .bind(name)
-    .fetch_one(pool)
-    .await
-    .map_err(Error::db(format!("registering projection {name}")))
+/// Registers a projection if new; returns its generation and the identity
+/// of its registration in this database. Neither statement waits for the
+/// batches that hold the projection's row (no update of an existing row).
+pub(crate) async fn register(pool: &PgPool, name: &str) -> Result<(i32, uuid::Uuid)> {
+    let what = || format!("registering projection {name}");
+    sqlx::query("INSERT INTO tidings_projections (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
+        .bind(name)
+        .execute(pool)
+        .await
+        .map_err(Error::db(what()))?;
+    sqlx::query_as("SELECT generation, instance FROM tidings_projections WHERE name = $1")
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .map_err(Error::db(what()))
 }
 
 /// The current generation of a projection (`None` if it never ran).
