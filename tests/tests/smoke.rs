@@ -25,6 +25,7 @@ async fn migrations_create_the_tidings_tables() {
             "tidings_checkpoints",
             "tidings_events",
             "tidings_outbox",
+            "tidings_outbox_dead",
             "tidings_parked",
             "tidings_projection_streams",
             "tidings_projections",
