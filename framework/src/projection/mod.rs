@@ -18,6 +18,17 @@
 //!   gap) goes to the dead letter topic with the reason and its origin, and
 //!   the later events of its stream are *parked* behind it, never applied out
 //!   of order. [`redrive`] re-applies parked events in order once fixed.
+//! - **PostgreSQL decides where reading starts.** Each partition assigned
+//!   to a runner is paused, sought to its checkpoint in PostgreSQL (the
+//!   beginning when it has none) and only then resumed: a group offset ahead
+//!   of the checkpoint (a restored database, an offset reset) never skips an
+//!   event. The group id carries the topic prefix and an identity of the
+//!   projection's registration in this database
+//!   (`tidings.<topic prefix><name>.<registration>.g<generation>`), so two
+//!   databases never share a group by accident.
+//! - **A panic is one event's poison.** A panic while decoding (a typed
+//!   upcaster, a custom `Deserialize`) or applying dead-letters that event
+//!   and parks its stream; nothing queued behind it is dropped.
 //! - **Independent partitions.** Each partition is applied by its own task,
 //!   in batches; a partition that retries a transient error is paused at the
 //!   consumer while the others go on.

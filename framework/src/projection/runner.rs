@@ -26,7 +26,8 @@ pub struct RunnerConfig {
     pub kafka: KafkaConfig,
     /// Prepended to the projection's topics and to its dead letter topic.
     pub topic_prefix: String,
-    /// Prepended to the consumer group id (`<prefix>.<projection>.g<generation>`).
+    /// Prepended to the consumer group id
+    /// (`<prefix>.<topic prefix><projection>.<registration>.g<generation>`).
     pub group_prefix: String,
     /// The most events applied in one transaction (default 500).
     pub batch_size: usize,

@@ -224,7 +224,10 @@ impl Relay {
             result = &mut work => return result,
             () = &mut shutdown => stop.cancel(),
         }
-        match tokio::time::timeout(deadline, work).await {
+        // What is left of the deadline after the teardown that follows
+        // (the producer's purge and close, about half a second).
+        let settle_for = deadline.saturating_sub(Duration::from_millis(500));
+        match tokio::time::timeout(settle_for, work).await {
             Ok(result) => result,
             Err(_) => {
                 tracing::warn!(
