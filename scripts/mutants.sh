@@ -33,6 +33,7 @@ R6~framework/src/relay/mod.rs~        match tokio::time::timeout(settle_for, wor
 P1~framework/src/projection/apply.rs~                    match std::panic::catch_unwind(decoding) {~                    match Ok::<_, Box<dyn std::any::Any + Send>>(decoding()) {~projection_faults~panic_while_decoding~a panic while decoding is not caught
 P2~framework/src/projection/runner.rs~match consumer.seek(topic, *partition, offset, Duration::from_secs(10)) {~match Ok::<(), rdkafka::error::KafkaError>(()) {~projection_faults~group_offset_ahead~partitions start at the group's Kafka offset, not the PostgreSQL checkpoint
 P3~framework/src/projection/runner.rs~            instance.simple()\n        )~            ""\n        )~projection_faults~two_databases~the group id leaves out the database's registration
+P4~framework/src/projection/apply.rs~    if text.len() <= MAX_IDENTITY_BYTES {~    if true {~projection_faults~too_long~identities too long for an index are kept as they are
 EOF
 )
 

@@ -280,3 +280,180 @@ async fn two_databases_running_one_projection_on_the_same_topics_each_see_every_
         task.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_aggregate_ids_too_long_for_an_index_are_dead_lettered_not_retried_forever() {
+    let db = TestDb::new().await;
+    sqlx::query("CREATE TABLE gauge_view (id TEXT PRIMARY KEY, value BIGINT NOT NULL, events BIGINT NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let prefix = format!("{}.", unique("t"));
+    let topic = format!("{prefix}gauges");
+    create_topic_named(&topic, 1).await;
+    let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
+    // Incompressible identities, longer than any index entry may be.
+    let long = |n: usize| -> String {
+        (0..n)
+            .map(|_| char::from(fastrand::alphanumeric()))
+            .collect()
+    };
+    let long_id = long(8000);
+    let long_key = long(6000);
+    let mut bad = RawEnvelope::from_slice(v1("x", 1, "1").as_bytes()).unwrap();
+    bad.aggregate_id = long_id.clone();
+    let messages: Vec<(String, String)> = vec![
+        ("G-0".into(), v1("G-0", 1, "1")),
+        (long_id.clone(), bad.to_json()),
+        (long_key.clone(), "not an envelope".into()),
+        ("G-0".into(), v1("G-0", 2, "2")),
+        ("G-1".into(), v1("G-1", 1, "1")),
+    ];
+    for (key, value) in &messages {
+        producer
+            .send(
+                FutureRecord::to(&topic).key(key).payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
+    let runner = Runner::new(db.pool.clone(), GaugeView, config).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    let started = Instant::now();
+    loop {
+        let events: i64 =
+            sqlx::query_scalar("SELECT coalesce(sum(events), 0)::bigint FROM gauge_view")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        if events == 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the partition is wedged: {events} of 3 events applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let parked = tidings::projection::list_parked(&db.pool, Some("gauge_view"))
+        .await
+        .unwrap();
+    assert_eq!(parked.len(), 2, "{parked:#?}");
+    assert!(parked.iter().all(|p| p.dead_letter));
+    assert!(
+        parked
+            .iter()
+            .any(|p| p.reason.contains("exceeds the limit of 512 bytes")),
+        "{parked:#?}"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+/// A projection slow enough that its partitions are always mid-batch.
+struct SlowView;
+
+#[async_trait]
+impl Projection for SlowView {
+    type Event = tidings_tests::pipeline::CounterEvent;
+
+    fn name(&self) -> &str {
+        "slow_view"
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &Envelope<Self::Event>,
+    ) -> Result<(), ApplyError> {
+        sqlx::query("SELECT pg_sleep(0.02)")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(
+            "INSERT INTO slow_view AS v (id, events) VALUES ($1, 1) \
+             ON CONFLICT (id) DO UPDATE SET events = v.events + 1",
+        )
+        .bind(&envelope.aggregate_id)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), ApplyError> {
+        sqlx::query("TRUNCATE slow_view").execute(conn).await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_completes_within_seconds_while_every_partition_is_busy() {
+    let db = TestDb::new().await;
+    sqlx::query("CREATE TABLE slow_view (id TEXT PRIMARY KEY, events BIGINT NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let store = tidings_tests::prefixed_store(&db);
+    let prefix = prefix_of(&store);
+    // A backlog on every partition: the runner's batches overlap back to
+    // back for far longer than the replay may take.
+    publish_counters(&db, &store, 60, 20).await;
+    // About 0.2 s per batch of 10, back to back on every partition.
+    let config = RunnerConfig::new(KafkaConfig::new(brokers()))
+        .topic_prefix(&prefix)
+        .batch_size(10)
+        .max_backoff(Duration::from_secs(1));
+    let runner = Runner::new(db.pool.clone(), SlowView, config).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    let started = Instant::now();
+    loop {
+        let applied: i64 =
+            sqlx::query_scalar("SELECT coalesce(sum(events), 0)::bigint FROM slow_view")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        if applied >= 60 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the runner never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let applied_before: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(events), 0)::bigint FROM slow_view")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let replay_started = Instant::now();
+    let generation = tokio::time::timeout(
+        Duration::from_secs(30),
+        tidings::projection::replay(&db.pool, &SlowView),
+    )
+    .await
+    .expect("replay finished")
+    .unwrap();
+    let took = replay_started.elapsed();
+    println!(
+        "replay under load took {took:?} (generation {generation}, {applied_before} of 1200 events applied when it began)"
+    );
+    assert!(
+        applied_before < 1200,
+        "the partitions were still busy when the replay began"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "replay waited for the load: {took:?}"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

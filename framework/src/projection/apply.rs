@@ -76,10 +76,45 @@ fn stream_of(message: &Message) -> Stream {
     (kind, id)
 }
 
+/// The longest aggregate type or id kept as it is, in bytes. Longer ones
+/// (only a foreign producer can write them: the store refuses ids over 512
+/// bytes) are dead-lettered under a shortened identity, since an index
+/// entry cannot hold them.
+const MAX_IDENTITY_BYTES: usize = 512;
+
 /// PostgreSQL text cannot hold NUL: input from the topic is stored with
-/// NUL replaced, so that bad input is parked rather than failing forever.
+/// NUL replaced, and an identity too long for an index is shortened (a
+/// prefix and a hash of the whole), so that bad input is parked rather
+/// than failing forever.
 fn clean(text: &str) -> String {
-    text.replace('\0', "\u{FFFD}")
+    let text = text.replace('\0', "\u{FFFD}");
+    if text.len() <= MAX_IDENTITY_BYTES {
+        return text;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    let mut cut = 200;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}…#{hex}", &text[..cut])
+}
+
+/// Why an envelope's identity cannot be applied, if it cannot.
+fn oversized(raw: &RawEnvelope) -> Option<String> {
+    [
+        ("aggregate type", &raw.aggregate_type),
+        ("aggregate id", &raw.aggregate_id),
+    ]
+    .into_iter()
+    .find(|(_, v)| v.len() > MAX_IDENTITY_BYTES)
+    .map(|(what, v)| {
+        format!(
+            "{what} of {} bytes exceeds the limit of {MAX_IDENTITY_BYTES} bytes",
+            v.len()
+        )
+    })
 }
 
 /// In one round trip: locks the projection's generation (shared) and the
@@ -87,8 +122,15 @@ fn clean(text: &str) -> String {
 /// instance's generation is current; then locks the streams of the batch
 /// (creating their rows) and reads their last sequences and whether they
 /// are parked. No row: the generation was replaced.
-const BEGIN_BATCH: &str = "WITH g AS ( \
-    SELECT generation FROM tidings_projections WHERE name = $1 FOR SHARE), \
+///
+/// The batch first takes the projection's advisory lock in shared mode: a
+/// replay takes it exclusively, and a heavyweight lock's queue is first come,
+/// first served, so a replay waits for the batches in flight only, never for
+/// a steady stream of overlapping ones (row locks would starve it).
+const BEGIN_BATCH: &str = "WITH a AS ( \
+    SELECT pg_advisory_xact_lock_shared(hashtextextended('tidings.projection.' || $1, 0))), \
+    g AS ( \
+    SELECT p.generation FROM tidings_projections p, a WHERE p.name = $1 FOR SHARE OF p), \
     c AS ( \
     INSERT INTO tidings_checkpoints (projection, topic, partition, next_offset) \
     SELECT $1, $2, $3, 0 FROM g WHERE g.generation = $4 \
@@ -151,8 +193,9 @@ pub(crate) async fn apply_batch<P: Projection>(
                 Ok(raw) => {
                     let stream = (clean(&raw.aggregate_type), clean(&raw.aggregate_id));
                     let sequence = Some(raw.sequence as i64);
-                    if let Some(reason) = poison.get(&m.offset) {
-                        return (stream, Decoded::Poison(reason.clone(), sequence));
+                    if let Some(reason) = poison.get(&m.offset).cloned().or_else(|| oversized(&raw))
+                    {
+                        return (stream, Decoded::Poison(reason, sequence));
                     }
                     // Decoding runs user code (typed upcasters, custom
                     // Deserialize impls): a panic there is this event's

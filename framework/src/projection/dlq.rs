@@ -78,7 +78,15 @@ pub async fn redrive<P: Projection>(pool: &PgPool, projection: &P) -> Result<Red
     let mut report = RedriveReport::default();
     for (aggregate_type, aggregate_id) in streams {
         let mut tx = pool.begin().await.map_err(db("beginning"))?;
-        // Fenced against a replay, which takes this row FOR UPDATE.
+        // Fenced against a replay, which takes the projection's advisory
+        // lock exclusively and then this row FOR UPDATE.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock_shared(hashtextextended('tidings.projection.' || $1, 0))",
+        )
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("locking the projection"))?;
         sqlx::query("SELECT generation FROM tidings_projections WHERE name = $1 FOR SHARE")
             .bind(name)
             .execute(&mut *tx)

@@ -49,7 +49,13 @@ pub async fn replay<P: Projection>(pool: &PgPool, projection: &P) -> Result<i32>
     register(pool, name).await?;
     let db = |what: &str| Error::db(format!("replaying projection {name}: {what}"));
     let mut tx = pool.begin().await.map_err(db("beginning"))?;
-    // Waits for batches in flight (they hold the row FOR SHARE).
+    // Waits for the batches in flight only: they hold the projection's
+    // advisory lock shared, and batches that start later queue behind this.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tidings.projection.' || $1, 0))")
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("waiting for the batches in flight"))?;
     sqlx::query("SELECT generation FROM tidings_projections WHERE name = $1 FOR UPDATE")
         .bind(name)
         .execute(&mut *tx)
