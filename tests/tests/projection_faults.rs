@@ -293,11 +293,7 @@ async fn keys_and_aggregate_ids_too_long_for_an_index_are_dead_lettered_not_retr
     create_topic_named(&topic, 1).await;
     let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
     // Incompressible identities, longer than any index entry may be.
-    let long = |n: usize| -> String {
-        (0..n)
-            .map(|_| char::from(fastrand::alphanumeric()))
-            .collect()
-    };
+    let long = |n: usize| -> String { (0..n).map(|_| fastrand::alphanumeric()).collect() };
     let long_id = long(8000);
     let long_key = long(6000);
     let mut bad = RawEnvelope::from_slice(v1("x", 1, "1").as_bytes()).unwrap();
