@@ -453,3 +453,117 @@ async fn replay_completes_within_seconds_while_every_partition_is_busy() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_committed_while_a_batch_waits_does_not_park_what_follows() {
+    let db = TestDb::new().await;
+    sqlx::query("CREATE TABLE gauge_view (id TEXT PRIMARY KEY, value BIGINT NOT NULL, events BIGINT NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let prefix = format!("{}.", unique("t"));
+    let topic = format!("{prefix}gauges");
+    create_topic_named(&topic, 1).await;
+    let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
+    let send = |sequence: u64, value: &str| {
+        let value = v1("G-R", sequence, value);
+        let producer = producer.clone();
+        let topic = topic.clone();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic).key("G-R").payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    };
+    // Sequence 1 is poison, sequence 2 parks behind it.
+    send(1, "poison").await;
+    send(2, "2").await;
+    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
+    let runner = Runner::new(db.pool.clone(), GaugeView, config).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    let started = Instant::now();
+    while tidings::projection::list_parked(&db.pool, Some("gauge_view"))
+        .await
+        .unwrap()
+        .len()
+        < 2
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "nothing was parked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An operator's re-drive (here: moving the stream past both events by
+    // hand) holds the stream's row while the next event arrives.
+    let mut redrive = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "SELECT last_sequence FROM tidings_projection_streams \
+         WHERE projection = 'gauge_view' AND aggregate_id = 'G-R' FOR UPDATE",
+    )
+    .execute(&mut *redrive)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM tidings_parked WHERE projection = 'gauge_view'")
+        .execute(&mut *redrive)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE tidings_projection_streams SET last_sequence = 2 \
+         WHERE projection = 'gauge_view' AND aggregate_id = 'G-R'",
+    )
+    .execute(&mut *redrive)
+    .await
+    .unwrap();
+    send(3, "3").await;
+    // The runner's batch is now waiting for the stream's row.
+    let started = Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+             WHERE NOT l.granted AND a.datname = current_database()",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the batch never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    redrive.commit().await.unwrap();
+    let started = Instant::now();
+    loop {
+        let value: Option<i64> =
+            sqlx::query_scalar("SELECT value FROM gauge_view WHERE id = 'G-R'")
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap();
+        if value == Some(3) {
+            break;
+        }
+        let parked = tidings::projection::list_parked(&db.pool, Some("gauge_view"))
+            .await
+            .unwrap();
+        assert!(parked.is_empty(), "parked behind nothing: {parked:#?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "sequence 3 never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

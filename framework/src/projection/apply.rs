@@ -148,6 +148,12 @@ const BEGIN_BATCH: &str = "WITH a AS ( \
     AND p.aggregate_type = l.aggregate_type AND p.aggregate_id = l.aggregate_id LIMIT 1), false) \
     FROM c CROSS JOIN locked l";
 
+/// Which of the given streams have parked events (read after the batch's
+/// locks are granted).
+const STILL_PARKED: &str = "SELECT s.t, s.i FROM UNNEST($2::text[], $3::text[]) AS s(t, i) \
+    WHERE EXISTS (SELECT 1 FROM tidings_parked p WHERE p.projection = $1 \
+    AND p.aggregate_type = s.t AND p.aggregate_id = s.i)";
+
 /// Saves the batch's stream positions and its checkpoint, in one round trip.
 ///
 /// Both statements that touch the batch's streams reach each stream row
@@ -249,6 +255,23 @@ pub(crate) async fn apply_batch<P: Projection>(
             blocked.insert((kind.clone(), id.clone()));
         }
         last_sequence.insert((kind, id), sequence);
+    }
+    if !blocked.is_empty() {
+        // BEGIN_BATCH's snapshot predates its lock waits: a re-drive that
+        // committed meanwhile is not in it. Ask again, in a statement of
+        // its own (a fresh snapshot, the locks now held).
+        let (types, ids): (Vec<&str>, Vec<&str>) = blocked
+            .iter()
+            .map(|(t, i)| (t.as_str(), i.as_str()))
+            .unzip();
+        let still: Vec<(String, String)> = sqlx::query_as(STILL_PARKED)
+            .bind(name)
+            .bind(&types)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db("reading the parked streams"))?;
+        blocked = still.into_iter().collect();
     }
     let fresh: Vec<_> = messages
         .iter()

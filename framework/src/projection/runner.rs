@@ -313,7 +313,11 @@ impl<P: Projection> Runner<P> {
         let mut dlq_config = self.config.kafka.client_config()?;
         dlq_config
             .set("enable.idempotence", "true")
-            .set("acks", "all");
+            .set("acks", "all")
+            // A dead letter is produced while its batch's transaction is
+            // open: bounded, so a broker that is away holds no lock for
+            // minutes (librdkafka's default is 300 s); the batch retries.
+            .set("message.timeout.ms", "10000");
         let producer: FutureProducer = dlq_config.create().map_err(|source| Error::Kafka {
             context: format!("creating the dead letter producer of {name}"),
             source,
