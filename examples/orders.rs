@@ -67,10 +67,7 @@ async fn run(cli: Cli) -> tidings::Result<()> {
         Cmd::Summary(command) => {
             let summary = OrderSummary::default();
             let pool = cli.global.pool().await?;
-            summary
-                .create_table(&pool)
-                .await
-                .map_err(|e| Error::Config(format!("creating the order_summary table: {e}")))?;
+            summary.create_table(&pool).await?;
             let command = match command {
                 ProjectionCommand::Run {
                     topic_prefix,

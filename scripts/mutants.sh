@@ -35,6 +35,8 @@ P2~framework/src/projection/runner.rs~match consumer.seek(topic, *partition, off
 P3~framework/src/projection/runner.rs~            instance.simple()\n        )~            ""\n        )~projection_faults~two_databases~the group id leaves out the database's registration
 P4~framework/src/projection/apply.rs~    if text.len() <= MAX_IDENTITY_BYTES {~    if true {~projection_faults~too_long~identities too long for an index are kept as they are
 P5~framework/src/projection/apply.rs~    if !blocked.is_empty() {\n        // BEGIN_BATCH's snapshot~    if false && !blocked.is_empty() {\n        // BEGIN_BATCH's snapshot~projection_faults~redrive_committed~the parked check trusts the snapshot taken before the lock waits
+P6~framework/src/projection/runner.rs~client.set("partition.assignment.strategy", "cooperative-sticky");~client.set("partition.assignment.strategy", "range,roundrobin");~projection_faults~joining~rebalances stop every partition (eager protocol)
+P7~framework/src/projection/setup.rs~SELECT pg_advisory_xact_lock(hashtextextended('tidings.setup.' || $1, 0))~SELECT $1::text~projection_faults~instances_starting~read-model set-up is not serialised
 EOF
 )
 

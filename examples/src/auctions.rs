@@ -153,15 +153,15 @@ pub struct LeadingBid;
 
 impl LeadingBid {
     /// Creates the read model table if missing.
-    pub async fn create_table(pool: &PgPool) -> sqlx::Result<()> {
-        sqlx::query(
+    pub async fn create_table(pool: &PgPool) -> tidings::Result<()> {
+        tidings::projection::set_up_read_model(
+            pool,
+            "auction_leading_bid",
             "CREATE TABLE IF NOT EXISTS auction_leading_bid (
                 auction_id TEXT PRIMARY KEY, bidder TEXT, amount BIGINT NOT NULL DEFAULT 0,
                 bids INTEGER NOT NULL DEFAULT 0, closed BOOLEAN NOT NULL DEFAULT false)",
         )
-        .execute(pool)
-        .await?;
-        Ok(())
+        .await
     }
 }
 

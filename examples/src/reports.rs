@@ -32,15 +32,15 @@ pub struct DayTotals {
 
 impl DailyTotals {
     /// Creates the read model table if missing.
-    pub async fn create_table(pool: &PgPool) -> sqlx::Result<()> {
-        sqlx::query(
+    pub async fn create_table(pool: &PgPool) -> tidings::Result<()> {
+        tidings::projection::set_up_read_model(
+            pool,
+            "daily_order_totals",
             "CREATE TABLE IF NOT EXISTS daily_order_totals (
                 day DATE PRIMARY KEY, orders BIGINT NOT NULL DEFAULT 0, ordered DOUBLE PRECISION NOT NULL DEFAULT 0,
                 paid DOUBLE PRECISION NOT NULL DEFAULT 0, cancelled BIGINT NOT NULL DEFAULT 0)",
         )
-        .execute(pool)
-        .await?;
-        Ok(())
+        .await
     }
 
     /// The report, oldest day first.

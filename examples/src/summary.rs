@@ -38,8 +38,8 @@ impl OrderSummary {
     }
 
     /// Creates the read model table if missing.
-    pub async fn create_table(&self, pool: &PgPool) -> sqlx::Result<()> {
-        sqlx::query(&format!(
+    pub async fn create_table(&self, pool: &PgPool) -> tidings::Result<()> {
+        let ddl = format!(
             "CREATE TABLE IF NOT EXISTS {} (
                 order_id TEXT PRIMARY KEY,
                 user_id TEXT NOT NULL,
@@ -50,10 +50,8 @@ impl OrderSummary {
                 events_applied INTEGER NOT NULL
             )",
             self.table
-        ))
-        .execute(pool)
-        .await?;
-        Ok(())
+        );
+        tidings::projection::set_up_read_model(pool, &self.table, &ddl).await
     }
 
     /// The read model's rows, ordered by id: (order, user, amount, currency, status, events applied).

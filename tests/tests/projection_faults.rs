@@ -567,3 +567,79 @@ async fn a_redrive_committed_while_a_batch_waits_does_not_park_what_follows() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_joining_moves_only_the_partitions_it_takes() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tidings_tests::pipeline::{CounterView, wait_applied};
+    let db = TestDb::new().await;
+    CounterView::create_table(&db.pool).await;
+    let store = tidings_tests::prefixed_store(&db);
+    let prefix = prefix_of(&store);
+    let start = |name: &str| {
+        let config = RunnerConfig::new(KafkaConfig::new(brokers()))
+            .topic_prefix(&prefix)
+            .max_backoff(Duration::from_secs(1));
+        let runner = Runner::new(db.pool.clone(), CounterView, config).unwrap();
+        let stats = runner.stats();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(runner.run(async move {
+            let _ = stopped.await;
+        }));
+        println!("{name} started");
+        (stop, task, stats)
+    };
+    let first_batch = publish_counters(&db, &store, 12, 5).await;
+    let a = start("a");
+    wait_applied(&db.pool, first_batch, Duration::from_secs(60)).await;
+    assert_eq!(a.2.revoked.load(Relaxed), 0);
+    let b = start("b");
+    // Events on every partition until b has taken its share.
+    let started = Instant::now();
+    let mut committed = first_batch;
+    while b.2.applied.load(Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "b never got partitions"
+        );
+        committed += publish_counters(&db, &store, 12, 1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_applied(&db.pool, committed, Duration::from_secs(60)).await;
+    let revoked = a.2.revoked.load(Relaxed);
+    println!("b joined: a gave up {revoked} of its 6 partitions");
+    assert!(
+        (1..6).contains(&revoked),
+        "a gave up only what b took, not every partition: {revoked}"
+    );
+    for (stop, task, _) in [a, b] {
+        stop.send(()).unwrap();
+        task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_starting_together_set_up_the_read_model_once_without_error() {
+    let db = TestDb::new().await;
+    let summary = tidings_examples::summary::OrderSummary::default();
+    let setups: Vec<_> = (0..8)
+        .map(|_| {
+            let pool = db.pool.clone();
+            let summary = summary.clone();
+            tokio::spawn(async move { summary.create_table(&pool).await })
+        })
+        .collect();
+    for setup in setups {
+        setup
+            .await
+            .unwrap()
+            .expect("every instance's set-up succeeds, whoever came first");
+    }
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM information_schema.tables WHERE table_name = $1")
+            .bind(summary.table())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(tables, 1);
+}

@@ -41,6 +41,7 @@
 mod apply;
 mod dlq;
 mod runner;
+mod setup;
 mod status;
 
 use async_trait::async_trait;
@@ -51,6 +52,7 @@ use crate::event::Event;
 
 pub use dlq::{ParkedEvent, RedriveReport, list_parked, redrive};
 pub use runner::{Runner, RunnerConfig, RunnerStats};
+pub use setup::set_up_read_model;
 pub use status::{
     PartitionLag, ProjectionStatus, generation, projection_status, replay, switch_when_caught_up,
 };

@@ -40,6 +40,16 @@ pub struct RunnerConfig {
     pub dead_letter_topic_spec: TopicSpec,
     /// Messages larger than this are dead-lettered unread (default 1 MiB).
     pub max_message_bytes: usize,
+    /// How long the group waits for a silent member before moving its
+    /// partitions (librdkafka `session.timeout.ms`; default 10 s, where
+    /// Kafka's default is 45 s). Shorter moves the partitions of a crashed
+    /// runner sooner; too short for the network or for pauses of the process
+    /// makes healthy members drop out and the group rebalance needlessly.
+    pub session_timeout: Duration,
+    /// Static membership (`group.instance.id`): a runner restarted with
+    /// the same id within the session timeout gets its partitions back with
+    /// no rebalance at all. Each running instance needs its own id.
+    pub group_instance_id: Option<String>,
 }
 
 impl RunnerConfig {
@@ -54,7 +64,21 @@ impl RunnerConfig {
             generation_check: Duration::from_secs(1),
             dead_letter_topic_spec: TopicSpec::default(),
             max_message_bytes: 1 << 20,
+            session_timeout: Duration::from_secs(10),
+            group_instance_id: None,
         }
+    }
+
+    /// Sets [`RunnerConfig::session_timeout`] (at least 1 s).
+    pub fn session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = timeout.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Sets [`RunnerConfig::group_instance_id`] (static membership).
+    pub fn group_instance_id(mut self, id: impl Into<String>) -> Self {
+        self.group_instance_id = Some(id.into());
+        self
     }
 
     /// Sets [`RunnerConfig::topic_prefix`].
@@ -97,6 +121,9 @@ pub struct RunnerStats {
     pub retries: AtomicU64,
     /// Batches committed.
     pub batches: AtomicU64,
+    /// Partitions taken from this runner by rebalances (with cooperative
+    /// rebalancing, only those that move to another member).
+    pub revoked: AtomicU64,
 }
 
 /// Runs a [`Projection`] in its consumer group until shutdown.
@@ -283,6 +310,25 @@ impl<P: Projection> Runner<P> {
         let group = self.group_id(generation, instance);
         let (changes_tx, mut changes) = mpsc::unbounded_channel();
         let mut client = self.config.kafka.client_config()?;
+        // Cooperative incremental rebalancing: a member joining or leaving
+        // moves only the partitions that change owner; the others never stop.
+        let properties = &self.config.kafka.properties;
+        if !properties.contains_key("partition.assignment.strategy") {
+            client.set("partition.assignment.strategy", "cooperative-sticky");
+        }
+        if !properties.contains_key("session.timeout.ms") {
+            client.set(
+                "session.timeout.ms",
+                self.config.session_timeout.as_millis().to_string(),
+            );
+        }
+        if !properties.contains_key("heartbeat.interval.ms") {
+            let heartbeat = (self.config.session_timeout / 3).max(Duration::from_millis(300));
+            client.set("heartbeat.interval.ms", heartbeat.as_millis().to_string());
+        }
+        if let Some(id) = &self.config.group_instance_id {
+            client.set("group.instance.id", id);
+        }
         client
             .set("group.id", &group)
             .set("enable.auto.commit", "true")
@@ -347,9 +393,11 @@ impl<P: Projection> Runner<P> {
                 Some(change) = changes.recv() => match change {
                     Change::Revoked(list) => {
                         tracing::info!(projection = name, partitions = ?list, "projection: partitions revoked");
+                        self.stats.revoked.fetch_add(list.len() as u64, Ordering::Relaxed);
                         for key in list {
                             // Dropping the sender lets the worker finish its batch and stop.
                             workers.remove(&key);
+                            unsought.retain(|k| *k != key);
                         }
                     }
                     Change::Assigned(list) => {
