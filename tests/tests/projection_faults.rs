@@ -643,3 +643,90 @@ async fn instances_starting_together_set_up_the_read_model_once_without_error() 
             .unwrap();
     assert_eq!(tables, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_dead_letter_is_recorded_and_its_stream_moves_on() {
+    let db = TestDb::new().await;
+    sqlx::query("CREATE TABLE gauge_view (id TEXT PRIMARY KEY, value BIGINT NOT NULL, events BIGINT NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let prefix = format!("{}.", unique("t"));
+    let topic = format!("{prefix}gauges");
+    create_topic_named(&topic, 1).await;
+    let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
+    // Sequence 1 can never decode, whatever code is deployed.
+    for (sequence, value) in [(1, "never a number"), (2, "2"), (3, "3")] {
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key("G-S")
+                    .payload(&v1("G-S", sequence, value)),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
+    let runner = Runner::new(db.pool.clone(), GaugeView, config).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    let started = Instant::now();
+    let parked = loop {
+        let parked = tidings::projection::list_parked(&db.pool, Some("gauge_view"))
+            .await
+            .unwrap();
+        if parked.len() == 3 {
+            break parked;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not parked: {parked:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let dead = parked.iter().find(|p| p.dead_letter).unwrap().clone();
+    // What an operator looks at first.
+    let shown = tidings::projection::show_parked(&db.pool, dead.id)
+        .await
+        .unwrap()
+        .expect("the dead letter");
+    assert_eq!(shown.key.as_deref(), Some("G-S"));
+    assert!(String::from_utf8_lossy(shown.value.as_deref().unwrap()).contains("never a number"));
+    // Skipping an event that waits behind the dead letter is refused.
+    let behind = parked.iter().find(|p| !p.dead_letter).unwrap();
+    let refused = tidings::projection::skip_dead_letter(&db.pool, behind.id, "no")
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("waits behind"), "{refused}");
+    // Skip the dead letter, re-drive its stream: the rest applies in order.
+    let skipped = tidings::projection::skip_dead_letter(&db.pool, dead.id, "bad producer build 41")
+        .await
+        .unwrap();
+    assert_eq!(skipped.sequence, Some(1));
+    let report = tidings::projection::redrive_stream(&db.pool, &GaugeView, "gauge", "G-S")
+        .await
+        .unwrap();
+    assert_eq!((report.applied, report.still_parked), (2, 0), "{report:?}");
+    let row: (i64, i64) = sqlx::query_as("SELECT value, events FROM gauge_view WHERE id = 'G-S'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(row, (3, 2));
+    let audit: (i64, String) = sqlx::query_as("SELECT sequence, note FROM tidings_dlq_skipped")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(audit, (1, "bad producer build 41".to_owned()));
+    assert!(
+        tidings::projection::list_parked(&db.pool, Some("gauge_view"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

@@ -23,6 +23,7 @@ async fn migrations_create_the_tidings_tables() {
         tables,
         [
             "tidings_checkpoints",
+            "tidings_dlq_skipped",
             "tidings_events",
             "tidings_outbox",
             "tidings_outbox_dead",

@@ -87,6 +87,21 @@ pub enum DlqCommand {
         #[arg(long)]
         projection: Option<String>,
     },
+    /// One parked event: why, where from, its key, headers and payload.
+    Show {
+        /// The parked event's id (from `dlq list`).
+        id: i64,
+    },
+    /// Discard a dead letter for good (recorded with the note in
+    /// `tidings_dlq_skipped`) so that its stream moves on; then re-drive the
+    /// projection to apply the events parked behind it.
+    Skip {
+        /// The dead letter's id (from `dlq list`).
+        id: i64,
+        /// Why it is discarded (kept with it).
+        #[arg(long)]
+        note: String,
+    },
 }
 
 /// Schema commands, which need the user's event types: offer them from
@@ -151,7 +166,20 @@ pub enum ProjectionCommand {
     /// instances pick the new generation up by themselves).
     Replay,
     /// Re-apply parked events in order.
-    Redrive,
+    Redrive {
+        /// Only this stream, as `<aggregate type>/<aggregate id>`.
+        #[arg(long)]
+        stream: Option<String>,
+    },
+    /// Discard one dead letter (recorded with the note) and re-drive the
+    /// events parked behind it.
+    Skip {
+        /// The dead letter's id (from `dlq list`).
+        id: i64,
+        /// Why it is discarded (kept with it).
+        #[arg(long)]
+        note: String,
+    },
 }
 
 impl ProjectionCommand {
@@ -188,11 +216,41 @@ impl ProjectionCommand {
                 );
                 Ok(())
             }
-            ProjectionCommand::Redrive => {
-                let report = crate::projection::redrive(&pool, &projection).await?;
+            ProjectionCommand::Redrive { stream } => {
+                let report = match stream {
+                    None => crate::projection::redrive(&pool, &projection).await?,
+                    Some(stream) => {
+                        let (kind, id) = stream.split_once('/').ok_or_else(|| {
+                            Error::Config(format!(
+                                "--stream `{stream}` is not of the form <aggregate type>/<aggregate id>"
+                            ))
+                        })?;
+                        crate::projection::redrive_stream(&pool, &projection, kind, id).await?
+                    }
+                };
                 println!(
                     "re-driven: {} applied, {} already applied, {} still parked",
                     report.applied, report.skipped, report.still_parked
+                );
+                Ok(())
+            }
+            ProjectionCommand::Skip { id, note } => {
+                let skipped = crate::projection::skip_dead_letter(&pool, id, &note).await?;
+                let report = crate::projection::redrive_stream(
+                    &pool,
+                    &projection,
+                    &skipped.aggregate_type,
+                    &skipped.aggregate_id,
+                )
+                .await?;
+                println!(
+                    "skipped {} ({}/{} seq {}); re-driven behind it: {} applied, {} still parked",
+                    skipped.id,
+                    skipped.aggregate_type,
+                    skipped.aggregate_id,
+                    skipped.sequence.map_or("?".into(), |s| s.to_string()),
+                    report.applied,
+                    report.still_parked
                 );
                 Ok(())
             }
@@ -532,6 +590,39 @@ impl Command {
                         p.reason
                     );
                 }
+                Ok(())
+            }
+            Command::Dlq(DlqCommand::Show { id }) => {
+                let pool = global.pool().await?;
+                let Some(parked) = crate::projection::show_parked(&pool, id).await? else {
+                    return Err(Error::Config(format!("no parked event {id}")));
+                };
+                let e = &parked.event;
+                let value = parked.value.as_deref().map(String::from_utf8_lossy);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "id": e.id, "projection": e.projection,
+                        "aggregate_type": e.aggregate_type, "aggregate_id": e.aggregate_id,
+                        "sequence": e.sequence, "topic": e.topic, "partition": e.partition,
+                        "offset": e.offset, "dead_letter": e.dead_letter, "reason": e.reason,
+                        "key": parked.key, "headers": parked.headers, "value": value,
+                    }))
+                    .expect("JSON values serialize")
+                );
+                Ok(())
+            }
+            Command::Dlq(DlqCommand::Skip { id, note }) => {
+                let pool = global.pool().await?;
+                let skipped = crate::projection::skip_dead_letter(&pool, id, &note).await?;
+                println!(
+                    "skipped {} ({}/{} seq {}); re-drive {} to apply the events parked behind it",
+                    skipped.id,
+                    skipped.aggregate_type,
+                    skipped.aggregate_id,
+                    skipped.sequence.map_or("?".into(), |s| s.to_string()),
+                    skipped.projection
+                );
                 Ok(())
             }
             Command::Stream(StreamCommand::Show { aggregate_type, id }) => {

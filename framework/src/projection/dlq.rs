@@ -1,4 +1,15 @@
-//! Parked and dead-lettered events: listing and re-driving.
+//! Parked and dead-lettered events: listing, showing, re-driving and
+//! skipping.
+//!
+//! # Guarantees
+//!
+//! - **In order.** A re-drive applies a stream's parked events in sequence
+//!   order and stops at the first that still fails.
+//! - **Nothing vanishes unrecorded.** Skipping a dead letter moves it to
+//!   `tidings_dlq_skipped` with the operator's note; its stream's position
+//!   moves past it, so the events behind it can be re-driven.
+//! - **Fenced.** Re-drives and skips take the projection's advisory lock
+//!   shared, as batches do; a replay waits for them.
 
 use sqlx::{Connection, PgPool};
 
@@ -44,6 +55,151 @@ pub async fn list_parked(pool: &PgPool, projection: Option<&str>) -> Result<Vec<
     .map_err(Error::db("listing parked events"))
 }
 
+/// One parked event with its message as received: key, headers and value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParkedMessage {
+    /// The event and why it is parked.
+    pub event: ParkedEvent,
+    /// The message key.
+    pub key: Option<String>,
+    /// The message headers.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// The message value (`None` for an empty message).
+    pub value: Option<Vec<u8>>,
+}
+
+/// One parked event by its id, with its message (`None` if there is none).
+pub async fn show_parked(pool: &PgPool, id: i64) -> Result<Option<ParkedMessage>> {
+    let row: Option<(i64, String, String, String, Option<i64>, String, i32, i64, bool, String, Option<String>, sqlx::types::Json<std::collections::BTreeMap<String, String>>, Option<Vec<u8>>)> =
+        sqlx::query_as(
+            "SELECT id, projection, aggregate_type, aggregate_id, sequence, topic, partition, \"offset\", \
+             dead_letter, reason, message_key, headers, value FROM tidings_parked WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .map_err(Error::db(format!("reading parked event {id}")))?;
+    Ok(row.map(
+        |(
+            id,
+            projection,
+            aggregate_type,
+            aggregate_id,
+            sequence,
+            topic,
+            partition,
+            offset,
+            dead_letter,
+            reason,
+            key,
+            headers,
+            value,
+        )| {
+            ParkedMessage {
+                event: ParkedEvent {
+                    id,
+                    projection,
+                    aggregate_type,
+                    aggregate_id,
+                    sequence,
+                    topic,
+                    partition,
+                    offset,
+                    dead_letter,
+                    reason,
+                },
+                key,
+                headers: headers.0,
+                value,
+            }
+        },
+    ))
+}
+
+/// Discards the dead-lettered event `id` (the first parked event of its
+/// stream), recording it with `note` in `tidings_dlq_skipped`, and moves its
+/// stream's position past it. The events parked behind it stay parked until
+/// a re-drive ([`redrive_stream`]) applies them. Returns the skipped event.
+pub async fn skip_dead_letter(pool: &PgPool, id: i64, note: &str) -> Result<ParkedEvent> {
+    let db = |what: &str| Error::db(format!("skipping dead letter {id}: {what}"));
+    let mut tx = pool.begin().await.map_err(db("beginning"))?;
+    let Some(event) = sqlx::query_as::<_, ParkedEvent>(
+        "SELECT id, projection, aggregate_type, aggregate_id, sequence, topic, partition, \"offset\", \
+         dead_letter, reason FROM tidings_parked WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db("reading it"))?
+    else {
+        return Err(Error::Config(format!("no parked event {id}")));
+    };
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock_shared(hashtextextended('tidings.projection.' || $1, 0))",
+    )
+    .bind(&event.projection)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("locking the projection"))?;
+    let last: i64 = sqlx::query_scalar(
+        "INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
+         VALUES ($1, $2, $3, 0) ON CONFLICT (projection, aggregate_type, aggregate_id) \
+         DO UPDATE SET last_sequence = tidings_projection_streams.last_sequence RETURNING last_sequence",
+    )
+    .bind(&event.projection)
+    .bind(&event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db("locking its stream"))?;
+    let first: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM tidings_parked WHERE projection = $1 AND aggregate_type = $2 \
+         AND aggregate_id = $3 ORDER BY sequence NULLS FIRST, id LIMIT 1",
+    )
+    .bind(&event.projection)
+    .bind(&event.aggregate_type)
+    .bind(&event.aggregate_id)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db("reading its stream"))?;
+    if first != Some(id) {
+        return Err(Error::Config(format!(
+            "parked event {id} waits behind event {} of {}/{}: skip or re-drive that one first",
+            first.unwrap_or_default(),
+            event.aggregate_type,
+            event.aggregate_id
+        )));
+    }
+    sqlx::query(
+        "WITH gone AS (DELETE FROM tidings_parked WHERE id = $1 RETURNING *) \
+         INSERT INTO tidings_dlq_skipped (id, projection, aggregate_type, aggregate_id, sequence, topic, \
+         partition, \"offset\", reason, message_key, headers, value, parked_at, note) \
+         SELECT id, projection, aggregate_type, aggregate_id, sequence, topic, partition, \"offset\", \
+         reason, message_key, headers, value, parked_at, $2 FROM gone",
+    )
+    .bind(id)
+    .bind(note)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("recording it"))?;
+    if let Some(sequence) = event.sequence.filter(|s| *s > last) {
+        sqlx::query(
+            "UPDATE tidings_projection_streams SET last_sequence = $4 \
+             WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+        )
+        .bind(&event.projection)
+        .bind(&event.aggregate_type)
+        .bind(&event.aggregate_id)
+        .bind(sequence)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("moving its stream past it"))?;
+    }
+    tx.commit().await.map_err(db("committing"))?;
+    Ok(event)
+}
+
 /// What a re-drive did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -77,124 +233,157 @@ pub async fn redrive<P: Projection>(pool: &PgPool, projection: &P) -> Result<Red
 
     let mut report = RedriveReport::default();
     for (aggregate_type, aggregate_id) in streams {
-        let mut tx = pool.begin().await.map_err(db("beginning"))?;
-        // Fenced against a replay, which takes the projection's advisory
-        // lock exclusively and then this row FOR UPDATE.
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock_shared(hashtextextended('tidings.projection.' || $1, 0))",
+        redrive_one(
+            pool,
+            projection,
+            &aggregate_type,
+            &aggregate_id,
+            &mut report,
         )
+        .await?;
+    }
+    Ok(report)
+}
+
+/// Re-applies the parked events of one stream of `projection`, in order
+/// (as [`redrive`] does for every stream).
+pub async fn redrive_stream<P: Projection>(
+    pool: &PgPool,
+    projection: &P,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<RedriveReport> {
+    let mut report = RedriveReport::default();
+    redrive_one(pool, projection, aggregate_type, aggregate_id, &mut report).await?;
+    Ok(report)
+}
+
+async fn redrive_one<P: Projection>(
+    pool: &PgPool,
+    projection: &P,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    report: &mut RedriveReport,
+) -> Result<()> {
+    let name = projection.name();
+    let db = |what: &str| Error::db(format!("re-driving projection {name}: {what}"));
+    let mut tx = pool.begin().await.map_err(db("beginning"))?;
+    // Fenced against a replay, which takes the projection's advisory
+    // lock exclusively and then this row FOR UPDATE.
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock_shared(hashtextextended('tidings.projection.' || $1, 0))",
+    )
+    .bind(name)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("locking the projection"))?;
+    sqlx::query("SELECT generation FROM tidings_projections WHERE name = $1 FOR SHARE")
         .bind(name)
         .execute(&mut *tx)
         .await
         .map_err(db("locking the projection"))?;
-        sqlx::query("SELECT generation FROM tidings_projections WHERE name = $1 FOR SHARE")
-            .bind(name)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("locking the projection"))?;
-        let mut last: i64 = sqlx::query_scalar(
-            "INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
-             VALUES ($1, $2, $3, 0) ON CONFLICT (projection, aggregate_type, aggregate_id) \
-             DO UPDATE SET last_sequence = tidings_projection_streams.last_sequence RETURNING last_sequence",
-        )
-        .bind(name)
-        .bind(&aggregate_type)
-        .bind(&aggregate_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db("locking a stream"))?;
-        let parked: Vec<(i64, Option<Vec<u8>>)> = sqlx::query_as(
-            "SELECT id, value FROM tidings_parked WHERE projection = $1 AND aggregate_type = $2 \
-             AND aggregate_id = $3 ORDER BY sequence NULLS FIRST, id",
-        )
-        .bind(name)
-        .bind(&aggregate_type)
-        .bind(&aggregate_id)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db("reading parked events"))?;
+    let mut last: i64 = sqlx::query_scalar(
+        "INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
+         VALUES ($1, $2, $3, 0) ON CONFLICT (projection, aggregate_type, aggregate_id) \
+         DO UPDATE SET last_sequence = tidings_projection_streams.last_sequence RETURNING last_sequence",
+    )
+    .bind(name)
+    .bind(&aggregate_type)
+    .bind(&aggregate_id)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db("locking a stream"))?;
+    let parked: Vec<(i64, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT id, value FROM tidings_parked WHERE projection = $1 AND aggregate_type = $2 \
+         AND aggregate_id = $3 ORDER BY sequence NULLS FIRST, id",
+    )
+    .bind(name)
+    .bind(&aggregate_type)
+    .bind(&aggregate_id)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db("reading parked events"))?;
 
-        let mut stopped: Option<(i64, String)> = None;
-        let mut done = Vec::new();
-        let total = parked.len();
-        for (id, value) in parked {
-            let decoded = value
-                .as_deref()
-                .ok_or_else(|| "empty message".to_owned())
-                .and_then(|v| RawEnvelope::from_slice(v).map_err(|e| e.to_string()))
-                .and_then(|raw| raw.decode::<P::Event>().map_err(|e| e.to_string()));
-            let envelope = match decoded {
-                Ok(envelope) => envelope,
-                Err(reason) => {
-                    stopped = Some((id, reason));
-                    break;
-                }
-            };
-            let sequence = envelope.sequence as i64;
-            if sequence <= last {
-                report.skipped += 1;
-                done.push(id);
-                continue;
-            }
-            if sequence > last + 1 {
-                stopped = Some((
-                    id,
-                    format!("sequence gap: expected {}, got {sequence}", last + 1),
-                ));
+    let mut stopped: Option<(i64, String)> = None;
+    let mut done = Vec::new();
+    let total = parked.len();
+    for (id, value) in parked {
+        let decoded = value
+            .as_deref()
+            .ok_or_else(|| "empty message".to_owned())
+            .and_then(|v| RawEnvelope::from_slice(v).map_err(|e| e.to_string()))
+            .and_then(|raw| raw.decode::<P::Event>().map_err(|e| e.to_string()));
+        let envelope = match decoded {
+            Ok(envelope) => envelope,
+            Err(reason) => {
+                stopped = Some((id, reason));
                 break;
             }
-            let mut savepoint = tx.begin().await.map_err(db("creating a savepoint"))?;
-            match projection.apply(&mut savepoint, &envelope).await {
-                Ok(()) => {
-                    savepoint
-                        .commit()
-                        .await
-                        .map_err(db("releasing a savepoint"))?;
-                    report.applied += 1;
-                    last = sequence;
-                    done.push(id);
-                }
-                Err(ApplyError::Permanent(e)) => {
-                    savepoint
-                        .rollback()
-                        .await
-                        .map_err(db("rolling back a savepoint"))?;
-                    stopped = Some((id, e.to_string()));
-                    break;
-                }
-                Err(ApplyError::Transient(e)) => {
-                    return Err(Error::Config(format!(
-                        "re-driving projection {name}: {aggregate_type}/{aggregate_id}: transient error, try again: {e}"
-                    )));
-                }
+        };
+        let sequence = envelope.sequence as i64;
+        if sequence <= last {
+            report.skipped += 1;
+            done.push(id);
+            continue;
+        }
+        if sequence > last + 1 {
+            stopped = Some((
+                id,
+                format!("sequence gap: expected {}, got {sequence}", last + 1),
+            ));
+            break;
+        }
+        let mut savepoint = tx.begin().await.map_err(db("creating a savepoint"))?;
+        match projection.apply(&mut savepoint, &envelope).await {
+            Ok(()) => {
+                savepoint
+                    .commit()
+                    .await
+                    .map_err(db("releasing a savepoint"))?;
+                report.applied += 1;
+                last = sequence;
+                done.push(id);
+            }
+            Err(ApplyError::Permanent(e)) => {
+                savepoint
+                    .rollback()
+                    .await
+                    .map_err(db("rolling back a savepoint"))?;
+                stopped = Some((id, e.to_string()));
+                break;
+            }
+            Err(ApplyError::Transient(e)) => {
+                return Err(Error::Config(format!(
+                    "re-driving projection {name}: {aggregate_type}/{aggregate_id}: transient error, try again: {e}"
+                )));
             }
         }
-        report.still_parked += (total - done.len()) as u64;
-        sqlx::query("DELETE FROM tidings_parked WHERE id = ANY($1)")
-            .bind(&done)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("removing re-driven events"))?;
-        sqlx::query(
-            "UPDATE tidings_projection_streams SET last_sequence = $4 \
-             WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
-        )
-        .bind(name)
-        .bind(&aggregate_type)
-        .bind(&aggregate_id)
-        .bind(last)
+    }
+    report.still_parked += (total - done.len()) as u64;
+    sqlx::query("DELETE FROM tidings_parked WHERE id = ANY($1)")
+        .bind(&done)
         .execute(&mut *tx)
         .await
-        .map_err(db("saving the stream position"))?;
-        if let Some((id, reason)) = stopped {
-            sqlx::query("UPDATE tidings_parked SET dead_letter = true, reason = $2 WHERE id = $1")
-                .bind(id)
-                .bind(reason)
-                .execute(&mut *tx)
-                .await
-                .map_err(db("recording why an event is still parked"))?;
-        }
-        tx.commit().await.map_err(db("committing"))?;
+        .map_err(db("removing re-driven events"))?;
+    sqlx::query(
+        "UPDATE tidings_projection_streams SET last_sequence = $4 \
+         WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
+    )
+    .bind(name)
+    .bind(&aggregate_type)
+    .bind(&aggregate_id)
+    .bind(last)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("saving the stream position"))?;
+    if let Some((id, reason)) = stopped {
+        sqlx::query("UPDATE tidings_parked SET dead_letter = true, reason = $2 WHERE id = $1")
+            .bind(id)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("recording why an event is still parked"))?;
     }
-    Ok(report)
+    tx.commit().await.map_err(db("committing"))?;
+    Ok(())
 }

@@ -50,7 +50,10 @@ use sqlx::PgConnection;
 use crate::envelope::Envelope;
 use crate::event::Event;
 
-pub use dlq::{ParkedEvent, RedriveReport, list_parked, redrive};
+pub use dlq::{
+    ParkedEvent, ParkedMessage, RedriveReport, list_parked, redrive, redrive_stream, show_parked,
+    skip_dead_letter,
+};
 pub use runner::{Runner, RunnerConfig, RunnerStats};
 pub use setup::set_up_read_model;
 pub use status::{
