@@ -71,50 +71,28 @@ pub struct ParkedMessage {
 
 /// One parked event by its id, with its message (`None` if there is none).
 pub async fn show_parked(pool: &PgPool, id: i64) -> Result<Option<ParkedMessage>> {
-    let row: Option<(i64, String, String, String, Option<i64>, String, i32, i64, bool, String, Option<String>, sqlx::types::Json<std::collections::BTreeMap<String, String>>, Option<Vec<u8>>)> =
-        sqlx::query_as(
-            "SELECT id, projection, aggregate_type, aggregate_id, sequence, topic, partition, \"offset\", \
-             dead_letter, reason, message_key, headers, value FROM tidings_parked WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-        .map_err(Error::db(format!("reading parked event {id}")))?;
-    Ok(row.map(
-        |(
-            id,
-            projection,
-            aggregate_type,
-            aggregate_id,
-            sequence,
-            topic,
-            partition,
-            offset,
-            dead_letter,
-            reason,
-            key,
-            headers,
-            value,
-        )| {
-            ParkedMessage {
-                event: ParkedEvent {
-                    id,
-                    projection,
-                    aggregate_type,
-                    aggregate_id,
-                    sequence,
-                    topic,
-                    partition,
-                    offset,
-                    dead_letter,
-                    reason,
-                },
-                key,
-                headers: headers.0,
-                value,
-            }
-        },
-    ))
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        event: ParkedEvent,
+        message_key: Option<String>,
+        headers: sqlx::types::Json<std::collections::BTreeMap<String, String>>,
+        value: Option<Vec<u8>>,
+    }
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT id, projection, aggregate_type, aggregate_id, sequence, topic, partition, \"offset\", \
+         dead_letter, reason, message_key, headers, value FROM tidings_parked WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .map_err(Error::db(format!("reading parked event {id}")))?;
+    Ok(row.map(|row| ParkedMessage {
+        event: row.event,
+        key: row.message_key,
+        headers: row.headers.0,
+        value: row.value,
+    }))
 }
 
 /// Discards the dead-lettered event `id` (the first parked event of its
@@ -288,8 +266,8 @@ async fn redrive_one<P: Projection>(
          DO UPDATE SET last_sequence = tidings_projection_streams.last_sequence RETURNING last_sequence",
     )
     .bind(name)
-    .bind(&aggregate_type)
-    .bind(&aggregate_id)
+    .bind(aggregate_type)
+    .bind(aggregate_id)
     .fetch_one(&mut *tx)
     .await
     .map_err(db("locking a stream"))?;
@@ -298,8 +276,8 @@ async fn redrive_one<P: Projection>(
          AND aggregate_id = $3 ORDER BY sequence NULLS FIRST, id",
     )
     .bind(name)
-    .bind(&aggregate_type)
-    .bind(&aggregate_id)
+    .bind(aggregate_type)
+    .bind(aggregate_id)
     .fetch_all(&mut *tx)
     .await
     .map_err(db("reading parked events"))?;
@@ -370,8 +348,8 @@ async fn redrive_one<P: Projection>(
          WHERE projection = $1 AND aggregate_type = $2 AND aggregate_id = $3",
     )
     .bind(name)
-    .bind(&aggregate_type)
-    .bind(&aggregate_id)
+    .bind(aggregate_type)
+    .bind(aggregate_id)
     .bind(last)
     .execute(&mut *tx)
     .await
