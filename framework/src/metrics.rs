@@ -217,7 +217,7 @@ impl Metrics {
         );
 
         type Pick = fn(&RunnerStats) -> &std::sync::atomic::AtomicU64;
-        let counters: [(&str, &str, Pick); 6] = [
+        let counters: [(&str, &str, Pick); 8] = [
             (
                 "tidings_projection_applied_total",
                 "Events applied to the read model.",
@@ -247,6 +247,16 @@ impl Metrics {
                 "tidings_projection_batches_total",
                 "Batches committed.",
                 |s| &s.batches,
+            ),
+            (
+                "tidings_projection_revoked_partitions_total",
+                "Partitions taken from the runner by rebalances.",
+                |s| &s.revoked,
+            ),
+            (
+                "tidings_projection_stopped_partitions_total",
+                "Partitions stopped because their checkpoint is beyond the partition's end.",
+                |s| &s.stopped_partitions,
             ),
         ];
         for (name, help, pick) in counters {

@@ -730,3 +730,81 @@ async fn a_skipped_dead_letter_is_recorded_and_its_stream_moves_on() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_beyond_the_partitions_end_stops_that_partition_loudly() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tidings_tests::pipeline::{CounterView, wait_applied};
+    let db = TestDb::new().await;
+    CounterView::create_table(&db.pool).await;
+    let store = tidings_tests::prefixed_store(&db);
+    let prefix = prefix_of(&store);
+    let committed = publish_counters(&db, &store, 12, 2).await;
+    let (stop, task) = counter_runner(&db, &prefix);
+    wait_applied(&db.pool, committed, Duration::from_secs(60)).await;
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    let in_partition_0: i64 =
+        sqlx::query_scalar("SELECT next_offset FROM tidings_checkpoints WHERE partition = 0")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    // As after the topic was recreated: partition 0's checkpoint is far
+    // beyond anything the partition holds.
+    sqlx::query(
+        "UPDATE tidings_checkpoints SET next_offset = next_offset + 1000000 WHERE partition = 0",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let topics = vec![store.topic_of::<tidings_tests::pipeline::Counter>()];
+    let config = RunnerConfig::new(KafkaConfig::new(brokers()))
+        .topic_prefix(&prefix)
+        .max_backoff(Duration::from_secs(1));
+    let runner = Runner::new(
+        db.pool.clone(),
+        tidings_tests::pipeline::CounterView,
+        config,
+    )
+    .unwrap();
+    let stats = runner.stats();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    let more = publish_counters(&db, &store, 12, 2).await;
+    let started = Instant::now();
+    while stats.stopped_partitions.load(Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the partition was not stopped (its new messages would be dropped as applied)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = tidings::projection::projection_status(
+        &db.pool,
+        &KafkaConfig::new(brokers()),
+        "counter_view",
+        &topics,
+    )
+    .await
+    .unwrap();
+    let ahead: Vec<_> = status
+        .partitions
+        .iter()
+        .filter(|p| p.checkpoint_ahead)
+        .collect();
+    assert_eq!(ahead.len(), 1, "{:#?}", status.partitions);
+    assert_eq!(ahead[0].partition, 0);
+    // The other partitions went on; partition 0's new events wait, unread.
+    let others = committed + more - in_partition_0 as u64;
+    wait_applied(&db.pool, others, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let applied: i64 = sqlx::query_scalar("SELECT sum(events)::bigint FROM counter_view")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied as u64, others);
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

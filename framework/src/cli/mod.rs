@@ -557,10 +557,18 @@ impl Command {
                         status.parked
                     );
                     for p in &status.partitions {
-                        println!(
-                            "  {}[{}]: position {} of {} (lag {})",
-                            p.topic, p.partition, p.position, p.high_watermark, p.lag
-                        );
+                        if p.checkpoint_ahead {
+                            println!(
+                                "  {}[{}]: STOPPED: checkpoint {} is beyond the partition's end {} \
+                                 (topic recreated or offsets reset?): replay the projection",
+                                p.topic, p.partition, p.position, p.high_watermark
+                            );
+                        } else {
+                            println!(
+                                "  {}[{}]: position {} of {} (lag {})",
+                                p.topic, p.partition, p.position, p.high_watermark, p.lag
+                            );
+                        }
                     }
                 }
                 Ok(())

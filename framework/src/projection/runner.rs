@@ -124,6 +124,10 @@ pub struct RunnerStats {
     /// Partitions taken from this runner by rebalances (with cooperative
     /// rebalancing, only those that move to another member).
     pub revoked: AtomicU64,
+    /// Partitions stopped because their checkpoint is beyond the end of the
+    /// partition (a recreated topic, reset offsets): nothing is read there
+    /// until the projection is replayed or its checkpoint set.
+    pub stopped_partitions: AtomicU64,
 }
 
 /// Runs a [`Projection`] in its consumer group until shutdown.
@@ -403,7 +407,7 @@ impl<P: Projection> Runner<P> {
                     Change::Assigned(list) => {
                         tracing::info!(projection = name, partitions = ?list, "projection: partitions assigned");
                         unsought.extend(list);
-                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought).await;
+                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &self.stats).await;
                     }
                 },
                 received = consumer.recv() => match received {
@@ -450,7 +454,7 @@ impl<P: Projection> Runner<P> {
                 },
                 _ = tick.tick() => {
                     if !unsought.is_empty() {
-                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought).await;
+                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &self.stats).await;
                     }
                     for (key, worker) in workers.iter_mut() {
                         flush(&consumer, key, worker);
@@ -486,6 +490,7 @@ async fn seek_to_checkpoints(
     name: &str,
     consumer: &StreamConsumer<RunnerContext>,
     unsought: &mut Vec<Key>,
+    stats: &RunnerStats,
 ) {
     let checkpoints: Vec<(String, i32, i64)> = match tokio::time::timeout(
         Duration::from_secs(10),
@@ -512,10 +517,37 @@ async fn seek_to_checkpoints(
     };
     let mut sought = TopicPartitionList::new();
     unsought.retain(|(topic, partition)| {
-        let offset = checkpoints
+        let next = checkpoints
             .iter()
             .find(|(t, p, _)| t == topic && p == partition)
-            .map_or(Offset::Beginning, |(_, _, next)| Offset::Offset(*next));
+            .map(|(_, _, next)| *next);
+        // A checkpoint past the end of the partition means the topic is not
+        // the one the checkpoint was made on (recreated, truncated, offsets
+        // reset): reading on would drop every new message below it as
+        // already applied. Stop this partition instead, loudly.
+        if let Some(next) = next {
+            match consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10)) {
+                Ok((_, high)) if next > high => {
+                    tracing::error!(
+                        projection = name,
+                        topic,
+                        partition,
+                        checkpoint = next,
+                        high_watermark = high,
+                        "projection: the checkpoint is beyond the end of the partition (topic recreated or offsets reset?); \
+                         this partition is stopped: replay the projection, or set its checkpoint"
+                    );
+                    stats.stopped_partitions.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(projection = name, topic, partition, %error, "projection: reading the partition's end; retrying");
+                    return true;
+                }
+            }
+        }
+        let offset = next.map_or(Offset::Beginning, Offset::Offset);
         match consumer.seek(topic, *partition, offset, Duration::from_secs(10)) {
             Ok(()) => {
                 tracing::debug!(projection = name, topic, partition, ?offset, "projection: sought to the checkpoint");

@@ -101,8 +101,14 @@ pub struct PartitionLag {
     pub position: i64,
     /// The partition's high watermark (the offset of the next message written).
     pub high_watermark: i64,
-    /// Messages not applied yet.
+    /// Messages not applied yet (0 when the checkpoint is ahead: see
+    /// [`PartitionLag::checkpoint_ahead`]).
     pub lag: i64,
+    /// The checkpoint is beyond the partition's end: the topic is not the
+    /// one the checkpoint was made on (recreated, truncated, offsets
+    /// reset). The runner stops such a partition rather than drop what is
+    /// written below the checkpoint.
+    pub checkpoint_ahead: bool,
 }
 
 /// Where a projection is.
@@ -161,14 +167,21 @@ pub async fn projection_status(
             source,
         })?;
         let mut out = Vec::new();
+        // All topics in one request: naming a missing topic could make a
+        // broker with auto-creation create it.
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map_err(|source| Error::Kafka {
+                context: "reading the cluster's metadata".into(),
+                source,
+            })?;
         for topic in &topics {
-            let metadata = consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(10))
-                .map_err(|source| Error::Kafka {
-                    context: format!("reading the metadata of {topic}"),
-                    source,
-                })?;
-            for t in metadata.topics() {
+            let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+                return Err(Error::Config(format!(
+                    "topic {topic} does not exist: the lag is unknown"
+                )));
+            };
+            {
                 for p in t.partitions() {
                     let (_, high) = consumer
                         .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
@@ -195,6 +208,7 @@ pub async fn projection_status(
                 .unwrap_or(0);
             PartitionLag {
                 lag: (high - position).max(0),
+                checkpoint_ahead: position > high,
                 topic,
                 partition,
                 position,
