@@ -386,6 +386,7 @@ impl<P: Projection> Runner<P> {
         let mut workers: HashMap<Key, Worker> = HashMap::new();
         // Assigned partitions not yet sought to their checkpoint (paused).
         let mut unsought: Vec<Key> = Vec::new();
+        let mut consumer_errors = Throttle::new(Duration::from_secs(10));
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let mut last_generation_check = Instant::now();
         let capacity = self.config.batch_size * 2;
@@ -448,7 +449,11 @@ impl<P: Projection> Runner<P> {
                         flush(&consumer, &key, worker);
                     }
                     Err(error) => {
-                        tracing::warn!(projection = name, %error, "projection: consumer error");
+                        // An outage yields an error per poll: one line, then
+                        // a summary per interval, not a line per retry.
+                        if let Some(suppressed) = consumer_errors.allow() {
+                            tracing::warn!(projection = name, %error, suppressed, "projection: consumer error");
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
@@ -582,6 +587,35 @@ fn flush(consumer: &StreamConsumer<RunnerContext>, key: &Key, worker: &mut Worke
         worker.paused = consumer.pause(&list).is_ok();
     } else if worker.pending.is_empty() && worker.paused {
         worker.paused = consumer.resume(&list).is_err();
+    }
+}
+
+/// At most one log line per interval for a repeating condition, with the
+/// count of those left out.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Throttle {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(left out since the last line)` when a line may be written now.
+    pub(crate) fn allow(&mut self) -> Option<u64> {
+        if self.last.is_some_and(|t| t.elapsed() < self.interval) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.suppressed))
     }
 }
 
