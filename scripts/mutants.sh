@@ -39,6 +39,7 @@ P6~framework/src/projection/runner.rs~client.set("partition.assignment.strategy"
 P7~framework/src/projection/setup.rs~SELECT pg_advisory_xact_lock(hashtextextended('tidings.setup.' || $1, 0))~SELECT $1::text~projection_faults~instances_starting~read-model set-up is not serialised
 P8~framework/src/projection/runner.rs~                Ok((_, high)) if next > high => {~                Ok((_, high)) if false && next > high => {~projection_faults~beyond~a checkpoint beyond the partition's end is read past (new messages dropped as applied)
 P9~framework/src/projection/runner.rs~        if self.last.is_some_and(|t| t.elapsed() < self.interval) {~        if false && self.last.is_some_and(|t| t.elapsed() < self.interval) {~logs~bounded~an outage logs a line per consumer error
+P10~framework/src/projection/runner.rs~                    careful = true;~                    careful = false;~projection_faults~linear~every refusal restarts the whole batch (quadratic)
 EOF
 )
 
@@ -69,5 +70,6 @@ PY
         verdict="CAUGHT"
     fi
     mv "$file.orig" "$file"
+    touch "$file" # a restored mtime would look older than the mutant's build
     echo "$id $verdict ($target::$filter): $what"
 done

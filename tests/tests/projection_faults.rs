@@ -808,3 +808,121 @@ async fn a_checkpoint_beyond_the_partitions_end_stops_that_partition_loudly() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
+
+/// A read model whose constraint refuses some events; counts the attempts.
+struct Refusing(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+#[async_trait]
+impl Projection for Refusing {
+    type Event = GaugeEvent;
+
+    fn name(&self) -> &str {
+        "refusing_view"
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &Envelope<GaugeEvent>,
+    ) -> Result<(), ApplyError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let GaugeEvent::Set { value } = envelope.payload;
+        // CHECK (value < 0) refuses the positive ones: class 23, permanent.
+        sqlx::query("INSERT INTO refusing_view (id, value) VALUES ($1, $2)")
+            .bind(&envelope.aggregate_id)
+            .bind(value)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn reset(&self, _: &mut PgConnection) -> Result<(), ApplyError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_constraint_refusing_many_events_costs_linear_time() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "CREATE TABLE refusing_view (id TEXT PRIMARY KEY, value BIGINT NOT NULL CHECK (value < 0))",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let prefix = format!("{}.", unique("t"));
+    let topic = format!("{prefix}gauges");
+    create_topic_named(&topic, 1).await;
+    let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
+    let events = 1000u64;
+    let sends: Vec<_> = (0..events)
+        .map(|i| {
+            let id = format!("R-{i}");
+            // Every other event is refused: a batch restarted per refusal
+            // would apply the accepted ones again and again.
+            let value = v1(&id, 1, if i % 2 == 0 { "-1" } else { "5" });
+            let producer = producer.clone();
+            let topic = topic.clone();
+            async move {
+                producer
+                    .send(
+                        FutureRecord::to(&topic).key(&id).payload(&value),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+            }
+        })
+        .collect();
+    futures::future::join_all(sends).await;
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
+    let runner = Runner::new(
+        db.pool.clone(),
+        Refusing(std::sync::Arc::clone(&attempts)),
+        config,
+    )
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    let started = Instant::now();
+    loop {
+        let dead: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tidings_parked WHERE projection = 'refusing_view' AND dead_letter",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if dead as u64 == events / 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{dead} of {} dead-lettered after {:?} ({} attempts)",
+            events / 2,
+            started.elapsed(),
+            attempts.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let attempts = attempts.load(std::sync::atomic::Ordering::Relaxed);
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM refusing_view")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied as u64, events / 2, "the accepted half applied once");
+    println!(
+        "{} refused of {events} events dead-lettered in {:?} with {attempts} attempts",
+        events / 2,
+        started.elapsed()
+    );
+    assert!(
+        attempts <= 2 * events + 50,
+        "linear: at most two passes per batch, not one per refusal ({attempts} attempts)"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

@@ -179,6 +179,7 @@ pub(crate) async fn apply_batch<P: Projection>(
     poison: &HashMap<i64, String>,
     dlq_topic: &str,
     producer: &FutureProducer,
+    careful: bool,
 ) -> Result<Outcome, Failure> {
     let Some(first) = messages.first() else {
         return Ok(Outcome::default());
@@ -335,31 +336,44 @@ pub(crate) async fn apply_batch<P: Projection>(
             causation_id = envelope.causation_id.as_deref()
         );
         // A handler that panics on an event must not take the partition
-        // down: its panic makes the event poison.
-        let applying = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(
-            projection.apply(&mut tx, envelope),
-            span,
-        ));
-        let applied = match futures::FutureExt::catch_unwind(applying).await {
-            Ok(result) => result,
-            Err(panic) => {
-                return Err(Failure::Poison {
-                    offset: message.offset,
-                    reason: format!("the projection panicked: {}", panic_message(&*panic)),
-                });
+        // down: its panic makes the event poison. In careful mode (after a
+        // poison event in this batch) each event runs in a savepoint, so a
+        // refusal is set aside at once instead of restarting the batch: a
+        // batch costs at most two passes, whatever the number of refusals.
+        let refusal = if careful {
+            let mut savepoint = sqlx::Connection::begin(&mut *tx)
+                .await
+                .map_err(db("creating a savepoint"))?;
+            let refusal = apply_one(projection, &mut savepoint, envelope, span).await?;
+            if refusal.is_none() {
+                savepoint
+                    .commit()
+                    .await
+                    .map_err(db("releasing a savepoint"))?;
+            } else {
+                savepoint
+                    .rollback()
+                    .await
+                    .map_err(db("rolling back a savepoint"))?;
             }
+            refusal
+        } else {
+            apply_one(projection, &mut tx, envelope, span).await?
         };
-        match applied {
-            Ok(()) => {
+        match refusal {
+            None => {
                 outcome.applied += 1;
                 last_sequence.insert(stream.clone(), sequence);
                 changed.insert(stream.clone());
             }
-            Err(ApplyError::Transient(e)) => return Err(Failure::Transient(e.to_string())),
-            Err(ApplyError::Permanent(e)) => {
+            Some(reason) if careful => {
+                parked.push((message, stream, Some(sequence), true, reason));
+                blocked.insert(stream.clone());
+            }
+            Some(reason) => {
                 return Err(Failure::Poison {
                     offset: message.offset,
-                    reason: e.to_string(),
+                    reason,
                 });
             }
         }
@@ -481,6 +495,29 @@ pub(crate) async fn apply_batch<P: Projection>(
     tx.commit().await.map_err(db("committing a batch"))?;
     outcome.next_offset = Some(new_next);
     Ok(outcome)
+}
+
+/// Applies one event; `Some(why)` when the projection refuses it for good
+/// (a permanent error or a panic).
+async fn apply_one<P: Projection>(
+    projection: &P,
+    conn: &mut sqlx::PgConnection,
+    envelope: &Envelope<P::Event>,
+    span: tracing::Span,
+) -> Result<Option<String>, Failure> {
+    let applying = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(
+        projection.apply(conn, envelope),
+        span,
+    ));
+    match futures::FutureExt::catch_unwind(applying).await {
+        Ok(Ok(())) => Ok(None),
+        Ok(Err(ApplyError::Transient(e))) => Err(Failure::Transient(e.to_string())),
+        Ok(Err(ApplyError::Permanent(e))) => Ok(Some(e.to_string())),
+        Err(panic) => Ok(Some(format!(
+            "the projection panicked: {}",
+            panic_message(&*panic)
+        ))),
+    }
 }
 
 /// The message of a caught panic.

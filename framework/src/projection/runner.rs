@@ -648,6 +648,9 @@ async fn partition_worker<P: Projection>(
         }
         let mut poison: HashMap<i64, String> = HashMap::new();
         let mut failures = 0u32;
+        // After a poison event, the batch is applied again with a savepoint
+        // per event: refusals are then set aside in the same pass.
+        let mut careful = false;
         loop {
             for message in &batch {
                 let size = message.value.as_ref().map_or(0, Vec::len);
@@ -672,6 +675,7 @@ async fn partition_worker<P: Projection>(
                 &poison,
                 &dlq,
                 &producer,
+                careful,
             ));
             let applied = futures::FutureExt::catch_unwind(applying)
                 .await
@@ -710,6 +714,7 @@ async fn partition_worker<P: Projection>(
                         "projection: dead-lettering a poison event"
                     );
                     poison.insert(offset, reason);
+                    careful = true;
                 }
                 Err(Failure::Transient(error)) => {
                     failures += 1;
