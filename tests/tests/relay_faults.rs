@@ -803,3 +803,43 @@ async fn a_leader_back_between_two_expiries_leaves_no_gap() {
         &expected,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_in_time_while_the_broker_is_frozen_with_batches_in_flight() {
+    let broker = tidings_tests::OwnBroker::start().await;
+    let db = TestDb::new().await;
+    let store = store(&db.pool);
+    // The default delivery deadline (30 s) is far beyond the shutdown's.
+    let relay = Running::start(&db.pool, config(&broker.address));
+    note(&store, "J-0", "first".into()).await;
+    wait_count(
+        &db.pool,
+        "SELECT count(*) FROM tidings_outbox",
+        0,
+        deadline(30),
+    )
+    .await;
+    broker.freeze();
+    for i in 0..20 {
+        note(&store, &format!("J-{i}"), "in flight".into()).await;
+    }
+    // Read and handed to the producer, never acknowledged.
+    let started = Instant::now();
+    while relay.stats.batch_rows.load(Ordering::Relaxed) < 2 {
+        assert!(started.elapsed() < deadline(30), "the relay read nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let took = relay.stop_within(Duration::from_secs(40)).await;
+    println!("shutdown with the broker frozen took {took:?}");
+    broker.thaw();
+    assert!(
+        took <= Duration::from_secs(11),
+        "within the 10 s shutdown deadline: {took:?}"
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM tidings_outbox").await,
+        20,
+        "what was not acknowledged stays for the next relay"
+    );
+}
