@@ -13,9 +13,9 @@
 //!   (with backoff and a deadline per attempt) for as long as the relay
 //!   runs; its rows stay out of every read meanwhile and the pipeline stops
 //!   reading once two deletes are pending. Deletes run on the relay's pool,
-//!   with its connection settings, inside a transaction with
-//!   `SET LOCAL synchronous_commit = off` (a delete lost in a server crash
-//!   only publishes those rows again). On shutdown a delete makes one more
+//!   with its connection settings, as one statement whose own transaction
+//!   sets `synchronous_commit = off` (a delete lost in a server crash only
+//!   publishes those rows again). On shutdown a delete makes one more
 //!   attempt at most.
 
 use std::sync::Arc;
@@ -261,27 +261,22 @@ async fn delete_rows(
     let event_ids: Vec<uuid::Uuid> = rows.iter().map(|(_, e)| *e).collect();
     let mut attempt = 0u32;
     loop {
+        // One statement, one round trip: `set_config(…, true)` lasts for the
+        // statement's own transaction, whose commit then does not wait for
+        // the WAL flush (a delete lost in a crash only republishes).
         let result = within(limit, "deleting published outbox rows", async {
-            let mut tx = pool
-                .begin()
-                .await
-                .map_err(Error::db("deleting published outbox rows"))?;
-            sqlx::query("SET LOCAL synchronous_commit = off")
-                .execute(&mut *tx)
-                .await
-                .map_err(Error::db("deleting published outbox rows"))?;
             sqlx::query(
-                "DELETE FROM tidings_outbox o USING unnest($1::bigint[], $2::uuid[]) AS d(id, event_id) \
-                 WHERE o.id = d.id AND o.event_id = d.event_id",
+                "WITH settings AS (SELECT set_config('synchronous_commit', 'off', true) AS v) \
+                 DELETE FROM tidings_outbox o \
+                 USING unnest($1::bigint[], $2::uuid[]) AS d(id, event_id), settings s \
+                 WHERE o.id = d.id AND o.event_id = d.event_id AND s.v = 'off'",
             )
             .bind(&ids)
             .bind(&event_ids)
-            .execute(&mut *tx)
+            .execute(pool)
             .await
-            .map_err(Error::db("deleting published outbox rows"))?;
-            tx.commit()
-                .await
-                .map_err(Error::db("deleting published outbox rows"))
+            .map(|_| ())
+            .map_err(Error::db("deleting published outbox rows"))
         })
         .await;
         match result {
