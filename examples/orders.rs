@@ -72,9 +72,13 @@ async fn run(cli: Cli) -> tidings::Result<()> {
                 ProjectionCommand::Run {
                     topic_prefix,
                     metrics_addr,
+                    session_timeout_secs,
+                    group_instance_id,
                 } if topic_prefix.is_empty() => ProjectionCommand::Run {
                     topic_prefix: cli.topic_prefix,
                     metrics_addr,
+                    session_timeout_secs,
+                    group_instance_id,
                 },
                 other => other,
             };

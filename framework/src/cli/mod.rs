@@ -161,6 +161,14 @@ pub enum ProjectionCommand {
         /// Serve /metrics, /health and /ready on this address.
         #[arg(long, env = "TIDINGS_METRICS_ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Seconds the group waits for a silent member before moving its
+        /// partitions.
+        #[arg(long, env = "TIDINGS_SESSION_TIMEOUT_SECS", default_value_t = 10)]
+        session_timeout_secs: u64,
+        /// Static membership: this instance's stable id in the group (each
+        /// running instance needs its own).
+        #[arg(long, env = "TIDINGS_GROUP_INSTANCE_ID")]
+        group_instance_id: Option<String>,
     },
     /// Rebuild the read model from the beginning of the topics (running
     /// instances pick the new generation up by themselves).
@@ -194,11 +202,17 @@ impl ProjectionCommand {
             ProjectionCommand::Run {
                 topic_prefix,
                 metrics_addr,
+                session_timeout_secs,
+                group_instance_id,
             } => {
                 let kafka = global.kafka()?;
                 let name = projection.name().to_owned();
-                let config =
-                    crate::projection::RunnerConfig::new(kafka.clone()).topic_prefix(topic_prefix);
+                let mut config = crate::projection::RunnerConfig::new(kafka.clone())
+                    .topic_prefix(topic_prefix)
+                    .session_timeout(Duration::from_secs(session_timeout_secs));
+                if let Some(id) = group_instance_id {
+                    config = config.group_instance_id(id);
+                }
                 let runner = crate::projection::Runner::new(pool.clone(), projection, config)?;
                 if let Some(addr) = metrics_addr {
                     let metrics = crate::metrics::Metrics::new(pool, Some(kafka));
@@ -280,6 +294,15 @@ pub struct RelayArgs {
     /// purges the producer and retries from the first unacknowledged row.
     #[arg(long, env = "TIDINGS_DELIVERY_TIMEOUT_SECS", default_value_t = 30)]
     pub delivery_timeout_secs: u64,
+    /// Seconds any one database call may take before it counts as failed.
+    #[arg(long, env = "TIDINGS_DB_TIMEOUT_SECS", default_value_t = 10)]
+    pub db_timeout_secs: u64,
+    /// Seconds without progress after which the relay gives its lanes up.
+    #[arg(long, env = "TIDINGS_STALL_TIMEOUT_SECS", default_value_t = 60)]
+    pub stall_timeout_secs: u64,
+    /// Seconds shutdown may take to settle what is in flight.
+    #[arg(long, env = "TIDINGS_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    pub shutdown_timeout_secs: u64,
     /// Serve /metrics, /health and /ready on this address (e.g. 127.0.0.1:9464).
     #[arg(long, env = "TIDINGS_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -445,7 +468,10 @@ impl Command {
                 let mut config = RelayConfig::new(kafka)
                     .batch_size(args.batch_size)
                     .pipeline_depth(args.pipeline_depth)
-                    .delivery_timeout(Duration::from_secs(args.delivery_timeout_secs.max(1)));
+                    .delivery_timeout(Duration::from_secs(args.delivery_timeout_secs.max(1)))
+                    .db_timeout(Duration::from_secs(args.db_timeout_secs.max(1)))
+                    .stall_timeout(Duration::from_secs(args.stall_timeout_secs.max(1)))
+                    .shutdown_timeout(Duration::from_secs(args.shutdown_timeout_secs.max(1)));
                 config.create_topics = if args.no_create_topics {
                     None
                 } else {
