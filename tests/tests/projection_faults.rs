@@ -926,3 +926,117 @@ async fn a_constraint_refusing_many_events_costs_linear_time() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_killed_under_load_leaves_its_partitions_ownerless_for_seconds_and_the_others_never()
+ {
+    use tidings_examples::orders::{Order, OrderCommand};
+    let db = TestDb::new().await;
+    let (store, prefix) = tidings_tests::store_with_prefix(&db);
+    let summary = tidings_examples::summary::OrderSummary::default();
+    summary.create_table(&db.pool).await.unwrap();
+    let relay = tidings::relay::Relay::new(
+        db.pool.clone(),
+        tidings::relay::RelayConfig::new(KafkaConfig::new(brokers())),
+    )
+    .unwrap();
+    let (relay_stop, relay_stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(relay.run(async move {
+        let _ = relay_stopped.await;
+    }));
+    // Two runner processes with the default settings.
+    let spawn = || {
+        std::process::Command::new(tidings_tests::example_bin("orders"))
+            .args(["summary", "run"])
+            .env("DATABASE_URL", db.url())
+            .env("KAFKA_BROKERS", brokers())
+            .env("TIDINGS_TOPIC_PREFIX", &prefix)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(tidings_tests::Spawned::from)
+            .expect("spawning the orders example")
+    };
+    let _steady = spawn();
+    let mut victim = spawn();
+    // Orders on every partition, steadily, for the whole scenario.
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let store = store.clone();
+        let writing = std::sync::Arc::clone(&writing);
+        tokio::spawn(async move {
+            let mut i = 0;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = format!("ORD-{i:05}");
+                let create = OrderCommand::Create {
+                    order_id: id.clone(),
+                    user_id: "U".into(),
+                    amount: 1.0,
+                    currency: "EUR".into(),
+                };
+                store.execute::<Order>(&id, create).await.unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let positions = || async {
+        sqlx::query_as::<_, (i32, i64)>(
+            "SELECT partition, next_offset FROM tidings_checkpoints ORDER BY partition",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    // Both runners own partitions and every partition moves.
+    let started = Instant::now();
+    while positions().await.len() < 6 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not every partition is applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+    // Watch each partition's checkpoint: the longest time it did not move.
+    let mut last: std::collections::BTreeMap<i32, (i64, Instant)> = positions()
+        .await
+        .into_iter()
+        .map(|(p, o)| (p, (o, Instant::now())))
+        .collect();
+    let mut longest: std::collections::BTreeMap<i32, Duration> = BTreeMap::new();
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(25) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for (partition, offset) in positions().await {
+            let entry = last.entry(partition).or_insert((offset, Instant::now()));
+            if offset != entry.0 {
+                let gap = entry.1.elapsed();
+                let longest = longest.entry(partition).or_default();
+                *longest = (*longest).max(gap);
+                *entry = (offset, Instant::now());
+            }
+        }
+    }
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    for (partition, (_, since)) in &last {
+        let longest = longest.entry(*partition).or_default();
+        *longest = (*longest).max(since.elapsed().min(Duration::from_secs(25)));
+    }
+    let mut stalls: Vec<Duration> = longest.values().copied().collect();
+    stalls.sort();
+    println!("longest wait per partition after one of two runners was SIGKILLed: {stalls:?}");
+    assert!(
+        stalls.iter().take(3).all(|s| *s < Duration::from_secs(2)),
+        "the healthy runner's partitions never stopped: {stalls:?}"
+    );
+    assert!(
+        stalls.last().copied().unwrap_or_default() <= Duration::from_secs(10),
+        "the killed runner's partitions found an owner within the session timeout and a rebalance: {stalls:?}"
+    );
+    relay_stop.send(()).unwrap();
+    relay.await.unwrap().unwrap();
+}

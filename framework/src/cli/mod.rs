@@ -163,7 +163,7 @@ pub enum ProjectionCommand {
         metrics_addr: Option<std::net::SocketAddr>,
         /// Seconds the group waits for a silent member before moving its
         /// partitions.
-        #[arg(long, env = "TIDINGS_SESSION_TIMEOUT_SECS", default_value_t = 10)]
+        #[arg(long, env = "TIDINGS_SESSION_TIMEOUT_SECS", default_value_t = 8)]
         session_timeout_secs: u64,
         /// Static membership: this instance's stable id in the group (each
         /// running instance needs its own).

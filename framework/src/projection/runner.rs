@@ -41,7 +41,7 @@ pub struct RunnerConfig {
     /// Messages larger than this are dead-lettered unread (default 1 MiB).
     pub max_message_bytes: usize,
     /// How long the group waits for a silent member before moving its
-    /// partitions (librdkafka `session.timeout.ms`; default 10 s, where
+    /// partitions (librdkafka `session.timeout.ms`; default 8 s, where
     /// Kafka's default is 45 s). Shorter moves the partitions of a crashed
     /// runner sooner; too short for the network or for pauses of the process
     /// makes healthy members drop out and the group rebalance needlessly.
@@ -64,7 +64,7 @@ impl RunnerConfig {
             generation_check: Duration::from_secs(1),
             dead_letter_topic_spec: TopicSpec::default(),
             max_message_bytes: 1 << 20,
-            session_timeout: Duration::from_secs(10),
+            session_timeout: Duration::from_secs(8),
             group_instance_id: None,
         }
     }
