@@ -1029,13 +1029,16 @@ async fn a_runner_killed_under_load_leaves_its_partitions_ownerless_for_seconds_
     let mut stalls: Vec<Duration> = longest.values().copied().collect();
     stalls.sort();
     println!("longest wait per partition after one of two runners was SIGKILLed: {stalls:?}");
+    // Behaviour, not a benchmark: the figures go to FAULTS.md; the bounds
+    // here only tell "kept moving" and "moved after the session timeout"
+    // from "stopped for a rebalance" and "waited for Kafka's 45 s default".
     assert!(
-        stalls.iter().take(3).all(|s| *s < Duration::from_secs(2)),
+        stalls.iter().take(3).all(|s| *s < Duration::from_secs(5)),
         "the healthy runner's partitions never stopped: {stalls:?}"
     );
     assert!(
-        stalls.last().copied().unwrap_or_default() <= Duration::from_secs(10),
-        "the killed runner's partitions found an owner within the session timeout and a rebalance: {stalls:?}"
+        stalls.last().copied().unwrap_or_default() <= Duration::from_secs(20),
+        "the killed runner's partitions found an owner after the session timeout: {stalls:?}"
     );
     relay_stop.send(()).unwrap();
     relay.await.unwrap().unwrap();
