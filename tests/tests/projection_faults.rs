@@ -86,18 +86,56 @@ fn v1(id: &str, sequence: u64, value: &str) -> String {
     .to_json()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panic_while_decoding_dead_letters_that_event_and_drops_nothing_behind_it() {
-    let db = TestDb::new().await;
+/// A fresh topic of one partition under a fresh prefix (every event of a
+/// test queues behind the others), and a producer for it.
+async fn one_partition_topic() -> (String, String, FutureProducer) {
+    let prefix = format!("{}.", unique("t"));
+    let topic = format!("{prefix}gauges");
+    create_topic_named(&topic, 1).await;
+    let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
+    (prefix, topic, producer)
+}
+
+/// Creates `gauge_view`.
+async fn create_gauge_view(db: &TestDb) {
     sqlx::query("CREATE TABLE gauge_view (id TEXT PRIMARY KEY, value BIGINT NOT NULL, events BIGINT NOT NULL)")
         .execute(&db.pool)
         .await
         .unwrap();
-    let prefix = format!("{}.", unique("t"));
-    let topic = format!("{prefix}gauges");
+}
+
+/// Produces one message and waits for its acknowledgement.
+async fn produce(producer: &FutureProducer, topic: &str, key: &str, value: &str) {
+    producer
+        .send(
+            FutureRecord::to(topic).key(key).payload(value),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
+/// Runs `runner` in the background until the sender is fired.
+fn spawn_runner<P: Projection>(
+    runner: Runner<P>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<tidings::Result<()>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_decoding_dead_letters_that_event_and_drops_nothing_behind_it() {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
     // One partition: every event queues behind the poisonous one.
-    create_topic_named(&topic, 1).await;
-    let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
+    let (prefix, topic, producer) = one_partition_topic().await;
     let gauges = 5;
     let per = 20u64;
     for sequence in 1..=per {
@@ -108,24 +146,11 @@ async fn a_panic_while_decoding_dead_letters_that_event_and_drops_nothing_behind
             } else {
                 sequence.to_string()
             };
-            producer
-                .send(
-                    FutureRecord::to(&topic)
-                        .key(&id)
-                        .payload(&v1(&id, sequence, &value)),
-                    Duration::from_secs(10),
-                )
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
+            produce(&producer, &topic, &id, &v1(&id, sequence, &value)).await;
         }
     }
     let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let runner = Runner::new(db.pool.clone(), GaugeView, config).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
 
     // Every other gauge reaches its last event; G-2 stops before the poison.
     let started = Instant::now();
@@ -204,16 +229,14 @@ fn counter_runner(
     let config = RunnerConfig::new(KafkaConfig::new(brokers()))
         .topic_prefix(prefix)
         .max_backoff(Duration::from_secs(1));
-    let runner = Runner::new(
-        db.pool.clone(),
-        tidings_tests::pipeline::CounterView,
-        config,
-    )
-    .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+    let (stop, task) = spawn_runner(
+        Runner::new(
+            db.pool.clone(),
+            tidings_tests::pipeline::CounterView,
+            config,
+        )
+        .unwrap(),
+    );
     (stop, task)
 }
 
@@ -284,14 +307,8 @@ async fn two_databases_running_one_projection_on_the_same_topics_each_see_every_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_and_aggregate_ids_too_long_for_an_index_are_dead_lettered_not_retried_forever() {
     let db = TestDb::new().await;
-    sqlx::query("CREATE TABLE gauge_view (id TEXT PRIMARY KEY, value BIGINT NOT NULL, events BIGINT NOT NULL)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let prefix = format!("{}.", unique("t"));
-    let topic = format!("{prefix}gauges");
-    create_topic_named(&topic, 1).await;
-    let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
     // Incompressible identities, longer than any index entry may be.
     let long = |n: usize| -> String { (0..n).map(|_| fastrand::alphanumeric()).collect() };
     let long_id = long(8000);
@@ -306,21 +323,10 @@ async fn keys_and_aggregate_ids_too_long_for_an_index_are_dead_lettered_not_retr
         ("G-1".into(), v1("G-1", 1, "1")),
     ];
     for (key, value) in &messages {
-        producer
-            .send(
-                FutureRecord::to(&topic).key(key).payload(value),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
+        produce(&producer, &topic, key, value).await;
     }
     let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let runner = Runner::new(db.pool.clone(), GaugeView, config).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
     let started = Instant::now();
     loop {
         let events: i64 =
@@ -404,11 +410,7 @@ async fn replay_completes_within_seconds_while_every_partition_is_busy() {
         .topic_prefix(&prefix)
         .batch_size(10)
         .max_backoff(Duration::from_secs(1));
-    let runner = Runner::new(db.pool.clone(), SlowView, config).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), SlowView, config).unwrap());
     let started = Instant::now();
     loop {
         let applied: i64 =
@@ -457,38 +459,21 @@ async fn replay_completes_within_seconds_while_every_partition_is_busy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redrive_committed_while_a_batch_waits_does_not_park_what_follows() {
     let db = TestDb::new().await;
-    sqlx::query("CREATE TABLE gauge_view (id TEXT PRIMARY KEY, value BIGINT NOT NULL, events BIGINT NOT NULL)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let prefix = format!("{}.", unique("t"));
-    let topic = format!("{prefix}gauges");
-    create_topic_named(&topic, 1).await;
-    let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
     let send = |sequence: u64, value: &str| {
         let value = v1("G-R", sequence, value);
         let producer = producer.clone();
         let topic = topic.clone();
         async move {
-            producer
-                .send(
-                    FutureRecord::to(&topic).key("G-R").payload(&value),
-                    Duration::from_secs(10),
-                )
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
+            produce(&producer, &topic, "G-R", &value).await;
         }
     };
     // Sequence 1 is poison, sequence 2 parks behind it.
     send(1, "poison").await;
     send(2, "2").await;
     let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let runner = Runner::new(db.pool.clone(), GaugeView, config).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
     let started = Instant::now();
     while tidings::projection::list_parked(&db.pool, Some("gauge_view"))
         .await
@@ -582,10 +567,7 @@ async fn a_runner_joining_moves_only_the_partitions_it_takes() {
             .max_backoff(Duration::from_secs(1));
         let runner = Runner::new(db.pool.clone(), CounterView, config).unwrap();
         let stats = runner.stats();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(runner.run(async move {
-            let _ = stopped.await;
-        }));
+        let (stop, task) = spawn_runner(runner);
         println!("{name} started");
         (stop, task, stats)
     };
@@ -647,33 +629,14 @@ async fn instances_starting_together_set_up_the_read_model_once_without_error() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_skipped_dead_letter_is_recorded_and_its_stream_moves_on() {
     let db = TestDb::new().await;
-    sqlx::query("CREATE TABLE gauge_view (id TEXT PRIMARY KEY, value BIGINT NOT NULL, events BIGINT NOT NULL)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let prefix = format!("{}.", unique("t"));
-    let topic = format!("{prefix}gauges");
-    create_topic_named(&topic, 1).await;
-    let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
     // Sequence 1 can never decode, whatever code is deployed.
     for (sequence, value) in [(1, "never a number"), (2, "2"), (3, "3")] {
-        producer
-            .send(
-                FutureRecord::to(&topic)
-                    .key("G-S")
-                    .payload(&v1("G-S", sequence, value)),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
+        produce(&producer, &topic, "G-S", &v1("G-S", sequence, value)).await;
     }
     let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let runner = Runner::new(db.pool.clone(), GaugeView, config).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
     let started = Instant::now();
     let parked = loop {
         let parked = tidings::projection::list_parked(&db.pool, Some("gauge_view"))
@@ -768,10 +731,7 @@ async fn a_checkpoint_beyond_the_partitions_end_stops_that_partition_loudly() {
     )
     .unwrap();
     let stats = runner.stats();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+    let (stop, task) = spawn_runner(runner);
     let more = publish_counters(&db, &store, 12, 2).await;
     let started = Instant::now();
     while stats.stopped_partitions.load(Relaxed) == 0 {
@@ -850,10 +810,7 @@ async fn a_constraint_refusing_many_events_costs_linear_time() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let prefix = format!("{}.", unique("t"));
-    let topic = format!("{prefix}gauges");
-    create_topic_named(&topic, 1).await;
-    let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
+    let (prefix, topic, producer) = one_partition_topic().await;
     let events = 1000u64;
     let sends: Vec<_> = (0..events)
         .map(|i| {
@@ -864,30 +821,21 @@ async fn a_constraint_refusing_many_events_costs_linear_time() {
             let producer = producer.clone();
             let topic = topic.clone();
             async move {
-                producer
-                    .send(
-                        FutureRecord::to(&topic).key(&id).payload(&value),
-                        Duration::from_secs(30),
-                    )
-                    .await
-                    .map_err(|(e, _)| e)
-                    .unwrap();
+                produce(&producer, &topic, &id, &value).await;
             }
         })
         .collect();
     futures::future::join_all(sends).await;
     let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let runner = Runner::new(
-        db.pool.clone(),
-        Refusing(std::sync::Arc::clone(&attempts)),
-        config,
-    )
-    .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
+    let (stop, task) = spawn_runner(
+        Runner::new(
+            db.pool.clone(),
+            Refusing(std::sync::Arc::clone(&attempts)),
+            config,
+        )
+        .unwrap(),
+    );
     let started = Instant::now();
     loop {
         let dead: i64 = sqlx::query_scalar(
