@@ -103,6 +103,21 @@ pub enum Error {
     /// A setting or a name is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The projection was retired (readers were switched to its new
+    /// version): it is not run, replayed or registered again under its name.
+    #[error(
+        "projection {name} was retired at {at}: run its new version, or delete its row from tidings_projections to start it afresh"
+    )]
+    Retired {
+        /// The projection.
+        name: String,
+        /// When it was retired.
+        at: String,
+    },
+    /// An operation declined because going on would hide or lose data; the
+    /// message says what to do instead.
+    #[error("refused: {0}")]
+    Refused(String),
     /// Event schemas differ from the committed lock.
     #[error("{0}")]
     SchemaMismatch(String),

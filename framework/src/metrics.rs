@@ -36,6 +36,8 @@ struct Parts {
 pub struct Metrics {
     pool: PgPool,
     kafka: Option<KafkaConfig>,
+    /// One watermark client for every scrape, made at the first.
+    watermarks: Arc<Mutex<Option<crate::projection::Watermarks>>>,
     parts: Arc<Mutex<Parts>>,
 }
 
@@ -53,6 +55,7 @@ impl Metrics {
         Metrics {
             pool,
             kafka,
+            watermarks: Arc::default(),
             parts: Arc::default(),
         }
     }
@@ -273,10 +276,17 @@ impl Metrics {
         }
         if let Some(kafka) = &self.kafka {
             let mut samples = Vec::new();
-            for (projection, topics, _) in &runners {
+            let watermarks = {
+                let mut kept = self.watermarks.lock().expect("metrics lock");
+                if kept.is_none() {
+                    *kept = crate::projection::Watermarks::new(kafka).ok();
+                }
+                kept.clone()
+            };
+            for (projection, topics, _) in runners.iter().filter(|_| watermarks.is_some()) {
+                let watermarks = watermarks.as_ref().expect("filtered");
                 if let Ok(status) =
-                    crate::projection::projection_status(&self.pool, kafka, projection, topics)
-                        .await
+                    crate::projection::status_with(&self.pool, watermarks, projection, topics).await
                 {
                     for p in status.partitions {
                         samples.push((

@@ -725,10 +725,13 @@ async fn a_zero_downtime_rebuild_serves_the_old_version_until_the_new_one_caught
     let switched = tidings::projection::switch_when_caught_up(
         &db.pool,
         &kafka,
-        "summary_v2",
-        std::slice::from_ref(&topic),
-        "CREATE OR REPLACE VIEW order_summary AS SELECT * FROM order_summary_v2",
-        Duration::from_secs(60),
+        tidings::projection::Switch::new(
+            "summary_v2",
+            "CREATE OR REPLACE VIEW order_summary AS SELECT * FROM order_summary_v2",
+        )
+        .topics(std::slice::from_ref(&topic))
+        .max_lag(0)
+        .timeout(Duration::from_secs(60)),
     );
     let (status, during) = tokio::join!(switched, async {
         let mut seen = Vec::new();
@@ -738,7 +741,7 @@ async fn a_zero_downtime_rebuild_serves_the_old_version_until_the_new_one_caught
         }
         seen
     });
-    assert_eq!(status.unwrap().lag(), 0);
+    assert_eq!(status.unwrap().status.lag(), 0);
     assert!(
         during.iter().all(|n| *n == 30),
         "the old version served complete rows meanwhile: {during:?}"

@@ -991,3 +991,50 @@ async fn a_runner_killed_under_load_leaves_its_partitions_ownerless_for_seconds_
     relay_stop.send(()).unwrap();
     relay.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_lag_of_a_topic_the_projection_was_never_delivered_from() {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
+    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
+    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    let started = Instant::now();
+    while tidings::projection::registered_topics(&db.pool, "gauge_view")
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    // Written while no runner runs: no checkpoint exists on the topic.
+    for i in 0..5 {
+        produce(&producer, &topic, "g-1", &v1("g-1", i + 1, "1")).await;
+    }
+    let out = std::process::Command::new(tidings_tests::tidings_bin())
+        .args(["projections", "status"])
+        .env("DATABASE_URL", db.url())
+        .env("KAFKA_BROKERS", brokers())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("gauge_view: generation 1, lag 5"),
+        "the lag of the unread topic is shown, not 0: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{topic}[0]: position 0 of 5 (lag 5)")),
+        "{stdout}"
+    );
+}

@@ -76,6 +76,19 @@ pub enum Command {
 pub enum ProjectionsCommand {
     /// Generation, position, lag per partition and parked events of every projection.
     Status,
+    /// Retire an old version after readers moved to its replacement: fence
+    /// and stop its runners, delete its positions and parked events, its
+    /// consumer groups and its dead letter topic.
+    Retire {
+        /// The projection to retire.
+        name: String,
+        /// Prefix of its topics (as its runners ran with).
+        #[arg(long, env = "TIDINGS_TOPIC_PREFIX", default_value = "")]
+        topic_prefix: String,
+        /// Seconds to wait for its runners to leave the consumer group.
+        #[arg(long, default_value_t = 30)]
+        wait_secs: u64,
+    },
 }
 
 /// `tidings dlq …`.
@@ -558,13 +571,50 @@ impl Command {
                 println!("{moved} rows moved back into the outbox");
                 Ok(())
             }
+            Command::Projections(ProjectionsCommand::Retire {
+                name,
+                topic_prefix,
+                wait_secs,
+            }) => {
+                let pool = global.pool().await?;
+                let config = crate::projection::RunnerConfig::new(global.kafka()?)
+                    .topic_prefix(topic_prefix);
+                let old = crate::projection::Retire::new(name, config)
+                    .wait(Duration::from_secs(wait_secs));
+                let report = crate::projection::retire(&pool, &old).await?;
+                println!(
+                    "projection {} retired: {} consumer groups deleted, dead letter topic {}",
+                    report.name,
+                    report.groups_deleted.len(),
+                    if report.dead_letter_topic_deleted {
+                        "deleted"
+                    } else {
+                        "absent"
+                    }
+                );
+                for left in &report.left {
+                    println!("  left: {left} (run retire again to finish)");
+                }
+                if report.left.is_empty() {
+                    Ok(())
+                } else {
+                    Err(Error::Refused(format!(
+                        "{} items of projection {} are left in Kafka",
+                        report.left.len(),
+                        report.name
+                    )))
+                }
+            }
             Command::Projections(ProjectionsCommand::Status) => {
                 let pool = global.pool().await?;
                 let kafka = global.kafka()?;
-                let projections: Vec<(String, Vec<String>)> = sqlx::query_as(
-                    "SELECT p.name, coalesce(array_agg(DISTINCT c.topic) FILTER (WHERE c.topic IS NOT NULL), '{}') \
-                     FROM tidings_projections p LEFT JOIN tidings_checkpoints c ON c.projection = p.name \
-                     GROUP BY p.name ORDER BY p.name",
+                // The topics its runners registered, and any it has
+                // checkpoints on (registered before the topics were kept).
+                let projections: Vec<(String, Vec<String>, Option<String>)> = sqlx::query_as(
+                    "SELECT p.name, ARRAY(SELECT unnest(p.topics) UNION \
+                     SELECT c.topic FROM tidings_checkpoints c WHERE c.projection = p.name \
+                     ORDER BY 1), p.retired_at::text \
+                     FROM tidings_projections p ORDER BY p.name",
                 )
                 .fetch_all(&pool)
                 .await
@@ -572,9 +622,22 @@ impl Command {
                 if projections.is_empty() {
                     println!("no projection has run against this database");
                 }
-                for (name, topics) in projections {
+                let watermarks = crate::projection::Watermarks::new(&kafka)?;
+                for (name, topics, retired) in projections {
+                    if let Some(at) = retired {
+                        println!("{name}: retired at {at}");
+                        continue;
+                    }
                     let status =
-                        crate::projection::projection_status(&pool, &kafka, &name, &topics).await?;
+                        match crate::projection::status_with(&pool, &watermarks, &name, &topics)
+                            .await
+                        {
+                            Ok(status) => status,
+                            Err(error) => {
+                                println!("{name}: lag unknown: {error}");
+                                continue;
+                            }
+                        };
                     println!(
                         "{name}: generation {}, lag {}, dead-lettered {}, parked {}",
                         status.generation,

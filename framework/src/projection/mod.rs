@@ -36,13 +36,16 @@
 //!   starts a new consumer group generation that reads the topics from the
 //!   beginning. For zero downtime, run the new version under another name
 //!   into its own tables while the old one serves, and let
-//!   [`switch_when_caught_up`] move readers over atomically.
+//!   [`switch_when_caught_up`] move readers over atomically once it stayed
+//!   caught up, refusing while it has dead letters, and [`retire`] the old
+//!   version (its rows, consumer groups and dead letter topic).
 
 mod apply;
 mod dlq;
 mod runner;
 mod setup;
 mod status;
+mod switch;
 
 use async_trait::async_trait;
 use sqlx::PgConnection;
@@ -57,8 +60,10 @@ pub use dlq::{
 pub use runner::{Runner, RunnerConfig, RunnerStats};
 pub use setup::set_up_read_model;
 pub use status::{
-    PartitionLag, ProjectionStatus, generation, projection_status, replay, switch_when_caught_up,
+    PartitionLag, ProjectionStatus, Watermarks, generation, projection_status, registered_topics,
+    replay, status_with,
 };
+pub use switch::{Retire, RetireReport, Switch, SwitchReport, retire, switch_when_caught_up};
 
 /// A boxed error from user code.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -106,6 +106,28 @@ impl RunnerConfig {
     }
 }
 
+/// The dead letter topic of projection `name`: `<topic prefix><name>.dlq`.
+pub(crate) fn dead_letter_topic(config: &RunnerConfig, name: &str) -> String {
+    format!("{}{name}.dlq", config.topic_prefix)
+}
+
+/// The consumer group of projection `name`'s generation: the group prefix,
+/// the topic prefix, the name, the identity of its registration in this
+/// database, the generation.
+pub(crate) fn group_id(
+    config: &RunnerConfig,
+    name: &str,
+    generation: i32,
+    instance: uuid::Uuid,
+) -> String {
+    format!(
+        "{}.{}{name}.{}.g{generation}",
+        config.group_prefix,
+        config.topic_prefix,
+        instance.simple()
+    )
+}
+
 /// Counters of a running projection.
 #[derive(Debug, Default)]
 pub struct RunnerStats {
@@ -233,7 +255,7 @@ impl<P: Projection> Runner<P> {
 
     /// The dead letter topic: `<prefix><projection>.dlq`.
     pub fn dead_letter_topic(&self) -> String {
-        format!("{}{}.dlq", self.config.topic_prefix, self.projection.name())
+        dead_letter_topic(&self.config, self.projection.name())
     }
 
     /// Consumes and applies until `shutdown` completes; then lets every
@@ -247,7 +269,8 @@ impl<P: Projection> Runner<P> {
         let dlq = self.dead_letter_topic();
         loop {
             let setup = async {
-                let registration = status::register(&self.pool, &name).await?;
+                let registration =
+                    status::register(&self.pool, &name, Some(&self.topics())).await?;
                 // The topics read are created if missing (as the relay would),
                 // so that the subscription sees them at once.
                 let mut topics: BTreeSet<String> = self.topics().into_iter().collect();
@@ -263,7 +286,7 @@ impl<P: Projection> Runner<P> {
             let (generation, instance) = match setup.await {
                 Ok(registration) => registration,
                 Err(error) => {
-                    if let Error::Config(_) = error {
+                    if let Error::Config(_) | Error::Retired { .. } = error {
                         return Err(error);
                     }
                     failures += 1;
@@ -294,13 +317,7 @@ impl<P: Projection> Runner<P> {
     /// The consumer group: the prefix, the topic prefix, the projection, the
     /// identity of its registration in this database, the generation.
     pub(crate) fn group_id(&self, generation: i32, instance: uuid::Uuid) -> String {
-        format!(
-            "{}.{}{}.{}.g{generation}",
-            self.config.group_prefix,
-            self.config.topic_prefix,
-            self.projection.name(),
-            instance.simple()
-        )
+        group_id(&self.config, self.projection.name(), generation, instance)
     }
 
     async fn consume(

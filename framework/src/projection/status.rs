@@ -1,29 +1,113 @@
 //! Projection registry, replay and lag.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::error::{Error, Result};
 use crate::kafka::KafkaConfig;
 use crate::projection::{ApplyError, Projection, validate_projection_name};
 
-/// Registers a projection if new; returns its generation and the identity
-/// of its registration in this database. Neither statement waits for the
-/// batches that hold the projection's row (no update of an existing row).
-pub(crate) async fn register(pool: &PgPool, name: &str) -> Result<(i32, uuid::Uuid)> {
+/// Registers a projection if new, recording the topics it reads (when
+/// given); returns its generation and the identity of its registration in
+/// this database. Registering never waits for the batches that hold the
+/// projection's row, except to record changed topics (rare, and then behind
+/// the batches in flight only). A retired projection is refused.
+pub(crate) async fn register(
+    pool: &PgPool,
+    name: &str,
+    topics: Option<&[String]>,
+) -> Result<(i32, uuid::Uuid)> {
     let what = || format!("registering projection {name}");
-    sqlx::query("INSERT INTO tidings_projections (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
-        .bind(name)
-        .execute(pool)
-        .await
-        .map_err(Error::db(what()))?;
-    sqlx::query_as("SELECT generation, instance FROM tidings_projections WHERE name = $1")
+    let mut wanted: Option<Vec<String>> = topics.map(|t| {
+        let mut t = t.to_vec();
+        t.sort();
+        t.dedup();
+        t
+    });
+    sqlx::query(
+        "INSERT INTO tidings_projections (name, topics) VALUES ($1, coalesce($2, '{}')) \
+         ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(name)
+    .bind(wanted.as_deref())
+    .execute(pool)
+    .await
+    .map_err(Error::db(what()))?;
+    let (generation, instance, recorded, retired): (i32, uuid::Uuid, Vec<String>, Option<String>) =
+        sqlx::query_as(
+            "SELECT generation, instance, topics, retired_at::text FROM tidings_projections \
+             WHERE name = $1",
+        )
         .bind(name)
         .fetch_one(pool)
         .await
-        .map_err(Error::db(what()))
+        .map_err(Error::db(what()))?;
+    if let Some(at) = retired {
+        return Err(Error::Retired {
+            name: name.to_owned(),
+            at,
+        });
+    }
+    if let Some(wanted) = wanted.take().filter(|w| *w != recorded) {
+        let mut tx = pool.begin().await.map_err(Error::db(what()))?;
+        lock_exclusive(&mut tx, name).await?;
+        sqlx::query("UPDATE tidings_projections SET topics = $2 WHERE name = $1")
+            .bind(name)
+            .bind(&wanted)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db(what()))?;
+        tx.commit().await.map_err(Error::db(what()))?;
+    }
+    Ok((generation, instance))
+}
+
+/// Takes the projection's advisory lock exclusively for the transaction:
+/// waits for the batches in flight only (they hold it shared), and batches
+/// that start later queue behind it.
+pub(crate) async fn lock_exclusive(conn: &mut PgConnection, name: &str) -> Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tidings.projection.' || $1, 0))")
+        .bind(name)
+        .execute(&mut *conn)
+        .await
+        .map_err(Error::db(format!(
+            "projection {name}: waiting for the batches in flight"
+        )))?;
+    Ok(())
+}
+
+/// Deletes a projection's checkpoints, stream positions and parked events.
+pub(crate) async fn forget_positions(conn: &mut PgConnection, name: &str) -> Result<()> {
+    for table in [
+        "tidings_checkpoints",
+        "tidings_projection_streams",
+        "tidings_parked",
+    ] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE projection = $1"))
+            .bind(name)
+            .execute(&mut *conn)
+            .await
+            .map_err(Error::db(format!(
+                "projection {name}: forgetting its positions"
+            )))?;
+    }
+    Ok(())
+}
+
+/// The topics a projection's runners registered (empty if none ran yet).
+pub async fn registered_topics(pool: &PgPool, name: &str) -> Result<Vec<String>> {
+    let topics: Option<Vec<String>> =
+        sqlx::query_scalar("SELECT topics FROM tidings_projections WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+            .await
+            .map_err(Error::db(format!(
+                "reading the topics of projection {name}"
+            )))?;
+    Ok(topics.unwrap_or_default())
 }
 
 /// The current generation of a projection (`None` if it never ran).
@@ -46,16 +130,10 @@ pub async fn generation(pool: &PgPool, name: &str) -> Result<Option<i32>> {
 pub async fn replay<P: Projection>(pool: &PgPool, projection: &P) -> Result<i32> {
     let name = projection.name();
     validate_projection_name(name)?;
-    register(pool, name).await?;
+    register(pool, name, None).await?;
     let db = |what: &str| Error::db(format!("replaying projection {name}: {what}"));
     let mut tx = pool.begin().await.map_err(db("beginning"))?;
-    // Waits for the batches in flight only: they hold the projection's
-    // advisory lock shared, and batches that start later queue behind this.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tidings.projection.' || $1, 0))")
-        .bind(name)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("waiting for the batches in flight"))?;
+    lock_exclusive(&mut tx, name).await?;
     sqlx::query("SELECT generation FROM tidings_projections WHERE name = $1 FOR UPDATE")
         .bind(name)
         .execute(&mut *tx)
@@ -66,17 +144,7 @@ pub async fn replay<P: Projection>(pool: &PgPool, projection: &P) -> Result<i32>
             Error::Config(format!("projection {name}: reset failed: {e}"))
         }
     })?;
-    for table in [
-        "tidings_checkpoints",
-        "tidings_projection_streams",
-        "tidings_parked",
-    ] {
-        sqlx::query(&format!("DELETE FROM {table} WHERE projection = $1"))
-            .bind(name)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("forgetting positions"))?;
-    }
+    forget_positions(&mut tx, name).await?;
     let generation: i32 = sqlx::query_scalar(
         "UPDATE tidings_projections SET generation = generation + 1, updated_at = now() \
          WHERE name = $1 RETURNING generation",
@@ -134,15 +202,103 @@ impl ProjectionStatus {
     }
 }
 
+/// A client that reads high watermarks, kept for repeated reads (a
+/// metrics endpoint, a switch waiting for a catch-up) instead of a client
+/// and its broker threads per read.
+#[derive(Clone)]
+pub struct Watermarks {
+    consumer: Arc<BaseConsumer>,
+}
+
+impl std::fmt::Debug for Watermarks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watermarks").finish_non_exhaustive()
+    }
+}
+
+impl Watermarks {
+    /// A client for the given Kafka settings.
+    pub fn new(kafka: &KafkaConfig) -> Result<Self> {
+        let consumer: BaseConsumer =
+            kafka
+                .client_config()?
+                .create()
+                .map_err(|source| Error::Kafka {
+                    context: "creating a metadata client".into(),
+                    source,
+                })?;
+        Ok(Watermarks {
+            consumer: Arc::new(consumer),
+        })
+    }
+
+    /// The high watermark of every partition of `topics`. A missing topic
+    /// is an error: its lag is unknown, never 0.
+    pub async fn high(&self, topics: &[String]) -> Result<Vec<(String, i32, i64)>> {
+        let consumer = Arc::clone(&self.consumer);
+        let topics = topics.to_vec();
+        tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, i64)>> {
+            let mut out = Vec::new();
+            // All topics in one request: naming a missing topic could make a
+            // broker with auto-creation create it.
+            let metadata = consumer
+                .fetch_metadata(None, Duration::from_secs(10))
+                .map_err(|source| Error::Kafka {
+                    context: "reading the cluster's metadata".into(),
+                    source,
+                })?;
+            for topic in &topics {
+                let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+                    return Err(Error::Config(format!(
+                        "topic {topic} does not exist: the lag is unknown"
+                    )));
+                };
+                for p in t.partitions() {
+                    let (_, high) = consumer
+                        .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                        .map_err(|source| Error::Kafka {
+                            context: format!("reading the watermarks of {topic}/{}", p.id()),
+                            source,
+                        })?;
+                    out.push((topic.clone(), p.id(), high));
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::Config(format!("reading watermarks: {e}")))?
+    }
+}
+
 /// Reads a projection's positions from PostgreSQL and the high watermarks of
-/// its topics from Kafka.
+/// its topics from Kafka. `topics` empty: the topics its runners registered.
 pub async fn projection_status(
     pool: &PgPool,
     kafka: &KafkaConfig,
     name: &str,
     topics: &[String],
 ) -> Result<ProjectionStatus> {
+    status_with(pool, &Watermarks::new(kafka)?, name, topics).await
+}
+
+/// [`projection_status`] through a kept [`Watermarks`] client.
+pub async fn status_with(
+    pool: &PgPool,
+    watermarks: &Watermarks,
+    name: &str,
+    topics: &[String],
+) -> Result<ProjectionStatus> {
     let generation = generation(pool, name).await?.unwrap_or(0);
+    let topics = if topics.is_empty() {
+        registered_topics(pool, name).await?
+    } else {
+        topics.to_vec()
+    };
+    if topics.is_empty() {
+        return Err(Error::Config(format!(
+            "projection {name} has no registered topics (no runner of it ran yet): the lag is unknown"
+        )));
+    }
     let positions: Vec<(String, i32, i64)> = sqlx::query_as(
         "SELECT topic, partition, next_offset FROM tidings_checkpoints WHERE projection = $1",
     )
@@ -158,45 +314,7 @@ pub async fn projection_status(
     .fetch_one(pool)
     .await
     .map_err(Error::db(format!("counting the parked events of {name}")))?;
-
-    let config = kafka.client_config()?;
-    let topics = topics.to_vec();
-    let watermarks = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, i64)>> {
-        let consumer: BaseConsumer = config.create().map_err(|source| Error::Kafka {
-            context: "creating a metadata client".into(),
-            source,
-        })?;
-        let mut out = Vec::new();
-        // All topics in one request: naming a missing topic could make a
-        // broker with auto-creation create it.
-        let metadata = consumer
-            .fetch_metadata(None, Duration::from_secs(10))
-            .map_err(|source| Error::Kafka {
-                context: "reading the cluster's metadata".into(),
-                source,
-            })?;
-        for topic in &topics {
-            let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
-                return Err(Error::Config(format!(
-                    "topic {topic} does not exist: the lag is unknown"
-                )));
-            };
-            {
-                for p in t.partitions() {
-                    let (_, high) = consumer
-                        .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                        .map_err(|source| Error::Kafka {
-                            context: format!("reading the watermarks of {topic}/{}", p.id()),
-                            source,
-                        })?;
-                    out.push((topic.clone(), p.id(), high));
-                }
-            }
-        }
-        Ok(out)
-    })
-    .await
-    .map_err(|e| Error::Config(format!("reading watermarks: {e}")))??;
+    let watermarks = watermarks.high(&topics).await?;
 
     let mut partitions: Vec<PartitionLag> = watermarks
         .into_iter()
@@ -224,46 +342,4 @@ pub async fn projection_status(
         parked,
         dead_lettered,
     })
-}
-
-/// Zero-downtime rebuild: waits until the projection `name` (a new version
-/// of a read model, built under its own name into its own tables while the
-/// current version keeps serving) has caught up with its topics, then runs
-/// `switch` (e.g. `CREATE OR REPLACE VIEW orders AS SELECT * FROM orders_v2`)
-/// in one transaction, so readers move from the old version to the new one
-/// atomically. Fails after `timeout` without switching.
-pub async fn switch_when_caught_up(
-    pool: &PgPool,
-    kafka: &KafkaConfig,
-    name: &str,
-    topics: &[String],
-    switch: &str,
-    timeout: Duration,
-) -> Result<ProjectionStatus> {
-    let started = std::time::Instant::now();
-    loop {
-        let status = projection_status(pool, kafka, name, topics).await?;
-        let started_all = !status.partitions.is_empty();
-        if started_all && status.lag() == 0 {
-            let mut tx = pool
-                .begin()
-                .await
-                .map_err(Error::db("beginning the switch"))?;
-            sqlx::raw_sql(switch)
-                .execute(&mut *tx)
-                .await
-                .map_err(Error::db(format!("switching to projection {name}")))?;
-            tx.commit()
-                .await
-                .map_err(Error::db("committing the switch"))?;
-            return Ok(status);
-        }
-        if started.elapsed() > timeout {
-            return Err(Error::Config(format!(
-                "projection {name} did not catch up within {timeout:?} (lag {}); nothing switched",
-                status.lag()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
