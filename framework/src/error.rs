@@ -114,6 +114,10 @@ pub enum Error {
         /// When it was retired.
         at: String,
     },
+    /// User code (a projection's handler) reported a transient failure:
+    /// the operation changed nothing and may succeed when tried again.
+    #[error("{0}")]
+    Transient(String),
     /// An operation declined because going on would hide or lose data; the
     /// message says what to do instead.
     #[error("refused: {0}")]
@@ -134,7 +138,7 @@ impl Error {
     /// connections, broker hiccups); decode and configuration errors never do.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Conflict { .. } | Error::Timeout { .. } => true,
+            Error::Conflict { .. } | Error::Timeout { .. } | Error::Transient(_) => true,
             #[cfg(feature = "postgres")]
             Error::Database { source, .. } => !matches!(
                 source,

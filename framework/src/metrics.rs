@@ -220,7 +220,7 @@ impl Metrics {
         );
 
         type Pick = fn(&RunnerStats) -> &std::sync::atomic::AtomicU64;
-        let counters: [(&str, &str, Pick); 8] = [
+        let counters: [(&str, &str, Pick); 10] = [
             (
                 "tidings_projection_applied_total",
                 "Events applied to the read model.",
@@ -238,8 +238,18 @@ impl Metrics {
             ),
             (
                 "tidings_projection_dead_lettered_total",
-                "Events sent to the dead letter topic.",
+                "Events dead-lettered (recorded in tidings_parked).",
                 |s| &s.dead_lettered,
+            ),
+            (
+                "tidings_projection_dead_letters_sent_total",
+                "Dead letters copied to the dead letter topic.",
+                |s| &s.dead_letters_sent,
+            ),
+            (
+                "tidings_projection_dead_letter_failures_total",
+                "Dead letters the dead letter topic refused for good.",
+                |s| &s.dead_letter_failures,
             ),
             (
                 "tidings_projection_retries_total",

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+pub mod gauges;
 pub mod pipeline;
 pub mod proxy;
 
@@ -182,6 +183,8 @@ pub struct Received {
     pub value: String,
     /// Headers as (name, value).
     pub headers: Vec<(String, String)>,
+    /// Headers as received: in order, values as bytes.
+    pub raw_headers: Vec<(String, Option<Vec<u8>>)>,
     /// Partition and offset.
     pub partition: i32,
     /// Offset in the partition.
@@ -249,7 +252,16 @@ pub async fn consume_from(
                             .collect()
                     })
                     .unwrap_or_default();
+                let raw_headers = message
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|hd| (hd.key.to_owned(), hd.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 out.push(Received {
+                    raw_headers,
                     key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
                     envelope: tidings::RawEnvelope::from_slice(value.as_bytes()).ok(),
                     value,

@@ -5,130 +5,14 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::json;
 use sqlx::PgConnection;
 use tidings::kafka::KafkaConfig;
 use tidings::projection::{ApplyError, Projection, Runner, RunnerConfig};
-use tidings::{Envelope, Event, RawEnvelope};
-use tidings_tests::{TestDb, brokers, create_topic_named, unique};
-
-/// Version 1 carried a string; the typed upcaster parses it and, like a
-/// user who thought it could not fail, panics on a value it cannot parse.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
-struct SetV1 {
-    value: String,
-}
-
-impl From<SetV1> for GaugeEvent {
-    fn from(v1: SetV1) -> Self {
-        GaugeEvent::Set {
-            value: v1.value.parse().expect("a v1 value is a number"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Event)]
-#[event(topic = "gauges")]
-enum GaugeEvent {
-    #[event(version = 2, upcast(from = 1, typed = SetV1))]
-    Set { value: i64 },
-}
-
-/// The last value and the number of events applied, per gauge.
-struct GaugeView;
-
-#[async_trait]
-impl Projection for GaugeView {
-    type Event = GaugeEvent;
-
-    fn name(&self) -> &str {
-        "gauge_view"
-    }
-
-    async fn apply(
-        &self,
-        conn: &mut PgConnection,
-        envelope: &Envelope<GaugeEvent>,
-    ) -> Result<(), ApplyError> {
-        let GaugeEvent::Set { value } = envelope.payload;
-        sqlx::query(
-            "INSERT INTO gauge_view AS g (id, value, events) VALUES ($1, $2, 1) \
-             ON CONFLICT (id) DO UPDATE SET value = $2, events = g.events + 1",
-        )
-        .bind(&envelope.aggregate_id)
-        .bind(value)
-        .execute(conn)
-        .await?;
-        Ok(())
-    }
-
-    async fn reset(&self, conn: &mut PgConnection) -> Result<(), ApplyError> {
-        sqlx::query("TRUNCATE gauge_view").execute(conn).await?;
-        Ok(())
-    }
-}
-
-fn v1(id: &str, sequence: u64, value: &str) -> String {
-    RawEnvelope {
-        event_type: "Set".into(),
-        event_version: 1,
-        event_id: uuid::Uuid::now_v7(),
-        timestamp: tidings::now_micros(),
-        aggregate_type: "gauge".into(),
-        aggregate_id: id.into(),
-        sequence,
-        correlation_id: None,
-        causation_id: None,
-        metadata: BTreeMap::new(),
-        payload: json!({ "value": value }),
-    }
-    .to_json()
-}
-
-/// A fresh topic of one partition under a fresh prefix (every event of a
-/// test queues behind the others), and a producer for it.
-async fn one_partition_topic() -> (String, String, FutureProducer) {
-    let prefix = format!("{}.", unique("t"));
-    let topic = format!("{prefix}gauges");
-    create_topic_named(&topic, 1).await;
-    let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
-    (prefix, topic, producer)
-}
-
-/// Creates `gauge_view`.
-async fn create_gauge_view(db: &TestDb) {
-    sqlx::query("CREATE TABLE gauge_view (id TEXT PRIMARY KEY, value BIGINT NOT NULL, events BIGINT NOT NULL)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-}
-
-/// Produces one message and waits for its acknowledgement.
-async fn produce(producer: &FutureProducer, topic: &str, key: &str, value: &str) {
-    producer
-        .send(
-            FutureRecord::to(topic).key(key).payload(value),
-            Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-}
-
-/// Runs `runner` in the background until the sender is fired.
-fn spawn_runner<P: Projection>(
-    runner: Runner<P>,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<tidings::Result<()>>,
-) {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(runner.run(async move {
-        let _ = stopped.await;
-    }));
-    (stop, task)
-}
+use tidings::{Envelope, RawEnvelope};
+use tidings_tests::gauges::{
+    GaugeEvent, GaugeView, create_gauge_view, one_partition_topic, produce, spawn_runner, v1,
+};
+use tidings_tests::{TestDb, brokers};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_while_decoding_dead_letters_that_event_and_drops_nothing_behind_it() {

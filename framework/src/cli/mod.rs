@@ -639,11 +639,19 @@ impl Command {
                             }
                         };
                     println!(
-                        "{name}: generation {}, lag {}, dead-lettered {}, parked {}",
+                        "{name}: generation {}, lag {}, dead-lettered {}, parked {}{}",
                         status.generation,
                         status.lag(),
                         status.dead_lettered,
-                        status.parked
+                        status.parked,
+                        if status.undeliverable > 0 {
+                            format!(
+                                ", {} dead letters refused by the dead letter topic (see dlq list)",
+                                status.undeliverable
+                            )
+                        } else {
+                            String::new()
+                        }
                     );
                     for p in &status.partitions {
                         if p.checkpoint_ahead {
@@ -670,7 +678,7 @@ impl Command {
                 }
                 for p in parked {
                     println!(
-                        "{} {} {}/{} seq {} from {}[{}]@{}: {}{}",
+                        "{} {} {}/{} seq {} from {}[{}]@{}: {}{}{}",
                         p.id,
                         p.projection,
                         p.aggregate_type,
@@ -684,7 +692,11 @@ impl Command {
                         } else {
                             "parked: "
                         },
-                        p.reason
+                        p.reason,
+                        p.dlq_error
+                            .as_deref()
+                            .map(|e| format!(" (not on the dead letter topic: {e})"))
+                            .unwrap_or_default()
                     );
                 }
                 Ok(())
@@ -703,6 +715,7 @@ impl Command {
                         "aggregate_type": e.aggregate_type, "aggregate_id": e.aggregate_id,
                         "sequence": e.sequence, "topic": e.topic, "partition": e.partition,
                         "offset": e.offset, "dead_letter": e.dead_letter, "reason": e.reason,
+                        "dlq_error": e.dlq_error,
                         "key": parked.key, "headers": parked.headers, "value": value,
                     }))
                     .expect("JSON values serialize")

@@ -1,15 +1,13 @@
 //! Applying one batch of one partition in one transaction.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
 
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgPool;
 
 use crate::envelope::{Envelope, HEADER_AGGREGATE_TYPE, RawEnvelope};
 use crate::error::Error;
-use crate::projection::{ApplyError, Projection, dlq_headers};
+use crate::projection::dead_letters::{RawHeaders, encode_headers};
+use crate::projection::{ApplyError, Projection};
 
 /// A message as consumed, owned by the partition's worker.
 #[derive(Debug, Clone)]
@@ -19,7 +17,32 @@ pub(crate) struct Message {
     pub(crate) offset: i64,
     pub(crate) key: Option<Vec<u8>>,
     pub(crate) value: Option<Vec<u8>>,
-    pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) headers: RawHeaders,
+}
+
+impl Message {
+    /// The last value of header `key`, as text.
+    fn header(&self, key: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned())
+    }
+
+    /// The headers as readable text (`tidings_parked.headers`): lossy UTF-8,
+    /// the last value of a repeated key; the exact ones are kept beside.
+    fn readable_headers(&self) -> BTreeMap<String, String> {
+        self.headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    clean(k),
+                    clean(&String::from_utf8_lossy(v.as_deref().unwrap_or_default())),
+                )
+            })
+            .collect()
+    }
 }
 
 /// What one batch did.
@@ -53,9 +76,6 @@ impl From<Error> for Failure {
 
 type Stream = (String, String);
 
-/// The largest value copied to the dead letter topic.
-const DLQ_MAX_VALUE_BYTES: usize = 900_000;
-
 enum Decoded<E> {
     Event(Envelope<E>),
     /// Why it cannot be applied, and its sequence when the envelope was readable.
@@ -69,9 +89,8 @@ fn stream_of(message: &Message) -> Stream {
         .map(|k| clean(&String::from_utf8_lossy(k)))
         .unwrap_or_default();
     let kind = message
-        .headers
-        .get(HEADER_AGGREGATE_TYPE)
-        .map(|t| clean(t))
+        .header(HEADER_AGGREGATE_TYPE)
+        .map(|t| clean(&t))
         .unwrap_or_else(|| "?".into());
     (kind, id)
 }
@@ -177,8 +196,6 @@ pub(crate) async fn apply_batch<P: Projection>(
     generation: i32,
     messages: &[Message],
     poison: &HashMap<i64, String>,
-    dlq_topic: &str,
-    producer: &FutureProducer,
     careful: bool,
 ) -> Result<Outcome, Failure> {
     let Some(first) = messages.first() else {
@@ -199,7 +216,17 @@ pub(crate) async fn apply_batch<P: Projection>(
             match raw {
                 Ok(raw) => {
                     let stream = (clean(&raw.aggregate_type), clean(&raw.aggregate_id));
-                    let sequence = Some(raw.sequence as i64);
+                    // A sequence outside 1..=i64::MAX is bad input, never a
+                    // duplicate to skip in silence.
+                    let Some(sequence) = i64::try_from(raw.sequence).ok().filter(|s| *s > 0)
+                    else {
+                        let reason = format!(
+                            "invalid sequence {}: sequences start at 1 and fit in a signed 64-bit integer",
+                            raw.sequence
+                        );
+                        return (stream, Decoded::Poison(reason, None));
+                    };
+                    let sequence = Some(sequence);
                     if let Some(reason) = poison.get(&m.offset).cloned().or_else(|| oversized(&raw))
                     {
                         return (stream, Decoded::Poison(reason, sequence));
@@ -302,6 +329,15 @@ pub(crate) async fn apply_batch<P: Projection>(
         }
         let envelope = match item {
             Decoded::Event(envelope) => envelope,
+            // Already applied (a republished duplicate that no longer
+            // decodes, say after a variant was removed): skipped, never a
+            // reason to park an up-to-date stream.
+            Decoded::Poison(_, Some(sequence))
+                if *sequence <= last_sequence.get(stream).copied().unwrap_or(0) =>
+            {
+                outcome.skipped += 1;
+                continue;
+            }
             Decoded::Poison(reason, sequence) => {
                 parked.push((message, stream, *sequence, true, reason.clone()));
                 blocked.insert(stream.clone());
@@ -383,8 +419,8 @@ pub(crate) async fn apply_batch<P: Projection>(
     for (message, stream, sequence, dead_letter, reason) in &parked {
         sqlx::query(
             "INSERT INTO tidings_parked (projection, aggregate_type, aggregate_id, sequence, topic, partition, \
-             \"offset\", dead_letter, reason, message_key, headers, value) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             \"offset\", dead_letter, reason, message_key, headers, value, raw_key, raw_headers) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
              ON CONFLICT (projection, topic, partition, \"offset\") DO NOTHING",
         )
         .bind(name)
@@ -397,14 +433,10 @@ pub(crate) async fn apply_batch<P: Projection>(
         .bind(dead_letter)
         .bind(clean(reason))
         .bind(message.key.as_deref().map(|k| clean(&String::from_utf8_lossy(k))))
-        .bind(sqlx::types::Json(
-            message
-                .headers
-                .iter()
-                .map(|(k, v)| (clean(k), clean(v)))
-                .collect::<BTreeMap<_, _>>(),
-        ))
+        .bind(sqlx::types::Json(message.readable_headers()))
         .bind(message.value.as_deref())
+        .bind(message.key.as_deref())
+        .bind(encode_headers(&message.headers))
         .execute(&mut *tx)
         .await
         .map_err(db("parking an event"))?;
@@ -434,64 +466,8 @@ pub(crate) async fn apply_batch<P: Projection>(
         .await
         .map_err(db("saving stream positions and the checkpoint"))?;
 
-    // Dead letters reach their topic before the transaction commits: a crash
-    // in between sends them again (at least once), never loses them.
-    let dead: Vec<_> = parked.iter().filter(|p| p.3).collect();
-    if !dead.is_empty() {
-        let mut deliveries = Vec::with_capacity(dead.len());
-        for (message, _, _, _, reason) in &dead {
-            let mut headers = OwnedHeaders::new();
-            for (k, v) in &message.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                });
-            }
-            let partition = message.partition.to_string();
-            let offset = message.offset.to_string();
-            for (k, v) in [
-                (dlq_headers::REASON, reason.as_str()),
-                (dlq_headers::PROJECTION, name),
-                (dlq_headers::TOPIC, message.topic.as_str()),
-                (dlq_headers::PARTITION, partition.as_str()),
-                (dlq_headers::OFFSET, offset.as_str()),
-            ] {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                });
-            }
-            // A value too large for a Kafka message travels without it (it
-            // is kept in tidings_parked).
-            let value = message
-                .value
-                .as_deref()
-                .filter(|v| v.len() <= DLQ_MAX_VALUE_BYTES);
-            if value.is_none() && message.value.is_some() {
-                headers = headers.insert(Header {
-                    key: "tidings.dlq.value_omitted",
-                    value: Some("too large; kept in tidings_parked"),
-                });
-            }
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(dlq_topic).headers(headers);
-            if let Some(key) = message.key.as_deref() {
-                record = record.key(key);
-            }
-            if let Some(value) = value {
-                record = record.payload(value);
-            }
-            deliveries.push(producer.send(record, Duration::from_secs(5)));
-        }
-        for result in futures::future::join_all(deliveries).await {
-            if let Err((e, _)) = result {
-                return Err(Failure::Transient(format!(
-                    "sending to the dead letter topic {dlq_topic}: {e}"
-                )));
-            }
-        }
-    }
-
+    // Dead letters go to their topic after this commits, from
+    // tidings_parked (see `dead_letters`): no lock here waits on the broker.
     tx.commit().await.map_err(db("committing a batch"))?;
     outcome.next_offset = Some(new_next);
     Ok(outcome)

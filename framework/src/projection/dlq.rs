@@ -15,6 +15,7 @@ use sqlx::{Connection, PgPool};
 
 use crate::envelope::RawEnvelope;
 use crate::error::{Error, Result};
+use crate::projection::apply::panic_message;
 use crate::projection::{ApplyError, Projection};
 
 /// An event a projection did not apply.
@@ -41,13 +42,16 @@ pub struct ParkedEvent {
     pub dead_letter: bool,
     /// Why it was not applied.
     pub reason: String,
+    /// Why its copy could not be sent to the dead letter topic, when the
+    /// topic refused it for good (it stays here all the same).
+    pub dlq_error: Option<String>,
 }
 
 /// Lists parked events, of one projection or of all, oldest first.
 pub async fn list_parked(pool: &PgPool, projection: Option<&str>) -> Result<Vec<ParkedEvent>> {
     sqlx::query_as(
         "SELECT id, projection, aggregate_type, aggregate_id, sequence, topic, partition, \"offset\", \
-         dead_letter, reason FROM tidings_parked WHERE $1::text IS NULL OR projection = $1 ORDER BY id",
+         dead_letter, reason, dlq_error FROM tidings_parked WHERE $1::text IS NULL OR projection = $1 ORDER BY id",
     )
     .bind(projection)
     .fetch_all(pool)
@@ -81,7 +85,7 @@ pub async fn show_parked(pool: &PgPool, id: i64) -> Result<Option<ParkedMessage>
     }
     let row: Option<Row> = sqlx::query_as(
         "SELECT id, projection, aggregate_type, aggregate_id, sequence, topic, partition, \"offset\", \
-         dead_letter, reason, message_key, headers, value FROM tidings_parked WHERE id = $1",
+         dead_letter, reason, dlq_error, message_key, headers, value FROM tidings_parked WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(pool)
@@ -104,7 +108,7 @@ pub async fn skip_dead_letter(pool: &PgPool, id: i64, note: &str) -> Result<Park
     let mut tx = pool.begin().await.map_err(db("beginning"))?;
     let Some(event) = sqlx::query_as::<_, ParkedEvent>(
         "SELECT id, projection, aggregate_type, aggregate_id, sequence, topic, partition, \"offset\", \
-         dead_letter, reason FROM tidings_parked WHERE id = $1",
+         dead_letter, reason, dlq_error FROM tidings_parked WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(&mut *tx)
@@ -286,11 +290,19 @@ async fn redrive_one<P: Projection>(
     let mut done = Vec::new();
     let total = parked.len();
     for (id, value) in parked {
+        // Decoding and applying run user code: a panic is this event's
+        // reason to stay parked, never the re-drive's end.
         let decoded = value
             .as_deref()
             .ok_or_else(|| "empty message".to_owned())
             .and_then(|v| RawEnvelope::from_slice(v).map_err(|e| e.to_string()))
-            .and_then(|raw| raw.decode::<P::Event>().map_err(|e| e.to_string()));
+            .and_then(|raw| {
+                let decoding = std::panic::AssertUnwindSafe(|| raw.decode::<P::Event>());
+                match std::panic::catch_unwind(decoding) {
+                    Ok(decoded) => decoded.map_err(|e| e.to_string()),
+                    Err(panic) => Err(format!("decoding panicked: {}", panic_message(&*panic))),
+                }
+            });
         let envelope = match decoded {
             Ok(envelope) => envelope,
             Err(reason) => {
@@ -298,6 +310,18 @@ async fn redrive_one<P: Projection>(
                 break;
             }
         };
+        // Parked by its key and header (its envelope was unreadable then):
+        // an envelope of another stream must not move this one.
+        if envelope.aggregate_type != aggregate_type || envelope.aggregate_id != aggregate_id {
+            stopped = Some((
+                id,
+                format!(
+                    "the event belongs to {}/{}, not to the stream it is parked in",
+                    envelope.aggregate_type, envelope.aggregate_id
+                ),
+            ));
+            break;
+        }
         let sequence = envelope.sequence as i64;
         if sequence <= last {
             report.skipped += 1;
@@ -312,7 +336,16 @@ async fn redrive_one<P: Projection>(
             break;
         }
         let mut savepoint = tx.begin().await.map_err(db("creating a savepoint"))?;
-        match projection.apply(&mut savepoint, &envelope).await {
+        let applying = std::panic::AssertUnwindSafe(projection.apply(&mut savepoint, &envelope));
+        let applied = futures::FutureExt::catch_unwind(applying)
+            .await
+            .unwrap_or_else(|panic| {
+                Err(ApplyError::permanent(format!(
+                    "applying panicked: {}",
+                    panic_message(&*panic)
+                )))
+            });
+        match applied {
             Ok(()) => {
                 savepoint
                     .commit()
@@ -331,8 +364,8 @@ async fn redrive_one<P: Projection>(
                 break;
             }
             Err(ApplyError::Transient(e)) => {
-                return Err(Error::Config(format!(
-                    "re-driving projection {name}: {aggregate_type}/{aggregate_id}: transient error, try again: {e}"
+                return Err(Error::Transient(format!(
+                    "re-driving projection {name}: {aggregate_type}/{aggregate_id}: transient error, nothing changed; try again: {e}"
                 )));
             }
         }
@@ -355,12 +388,19 @@ async fn redrive_one<P: Projection>(
     .await
     .map_err(db("saving the stream position"))?;
     if let Some((id, reason)) = stopped {
-        sqlx::query("UPDATE tidings_parked SET dead_letter = true, reason = $2 WHERE id = $1")
-            .bind(id)
-            .bind(reason)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("recording why an event is still parked"))?;
+        // An event that becomes its stream's dead letter now is copied to
+        // the dead letter topic by a running runner (not yet sent).
+        sqlx::query(
+            "UPDATE tidings_parked SET reason = $2, \
+             dlq_sent_at = CASE WHEN dead_letter THEN dlq_sent_at END, \
+             dlq_error = CASE WHEN dead_letter THEN dlq_error END, dead_letter = true \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("recording why an event is still parked"))?;
     }
     tx.commit().await.map_err(db("committing"))?;
     Ok(())

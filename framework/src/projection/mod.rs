@@ -26,6 +26,13 @@
 //!   projection's registration in this database
 //!   (`tidings.<topic prefix><name>.<registration>.g<generation>`), so two
 //!   databases never share a group by accident.
+//! - **Dead letters never hold a batch.** A batch records its dead letters
+//!   in `tidings_parked` and commits; they are copied to the dead letter
+//!   topic afterwards (key and headers byte for byte), at least once. A copy
+//!   the topic refuses for good is recorded with the error, counted and
+//!   shown by the status, and not retried. A sequence outside
+//!   `1..=i64::MAX` is dead-lettered; an already-applied duplicate that no
+//!   longer decodes is skipped, not parked.
 //! - **A panic is one event's poison.** A panic while decoding (a typed
 //!   upcaster, a custom `Deserialize`) or applying dead-letters that event
 //!   and parks its stream; nothing queued behind it is dropped.
@@ -41,6 +48,7 @@
 //!   version (its rows, consumer groups and dead letter topic).
 
 mod apply;
+mod dead_letters;
 mod dlq;
 mod runner;
 mod setup;
@@ -195,4 +203,9 @@ pub mod dlq_headers {
     pub const PARTITION: &str = "tidings.dlq.partition";
     /// Its offset there.
     pub const OFFSET: &str = "tidings.dlq.offset";
+    /// The projection's generation that refused it (a replay starts a new one).
+    pub const GENERATION: &str = "tidings.dlq.generation";
+    /// Present when the value was too large to copy (it is kept in
+    /// `tidings_parked`).
+    pub const VALUE_OMITTED: &str = "tidings.dlq.value_omitted";
 }

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use crate::error::{Error, Result};
 use crate::kafka::{KafkaConfig, TopicSpec, ensure_topics};
 use crate::projection::apply::{Failure, Message, apply_batch};
+use crate::projection::dead_letters::Sender;
 use crate::projection::{Projection, status, validate_projection_name};
 
 /// How a projection runner runs.
@@ -38,6 +39,10 @@ pub struct RunnerConfig {
     pub generation_check: Duration,
     /// How missing topics (read, and the dead letter topic) are created.
     pub dead_letter_topic_spec: TopicSpec,
+    /// Create missing topics at start (default true). Off where topics
+    /// are managed elsewhere; with it on, only missing topics are asked for,
+    /// so a principal without CREATE works when the topics exist.
+    pub create_topics: bool,
     /// Messages larger than this are dead-lettered unread (default 1 MiB).
     pub max_message_bytes: usize,
     /// How long the group waits for a silent member before moving its
@@ -63,6 +68,7 @@ impl RunnerConfig {
             max_backoff: Duration::from_secs(30),
             generation_check: Duration::from_secs(1),
             dead_letter_topic_spec: TopicSpec::default(),
+            create_topics: true,
             max_message_bytes: 1 << 20,
             session_timeout: Duration::from_secs(8),
             group_instance_id: None,
@@ -78,6 +84,12 @@ impl RunnerConfig {
     /// Sets [`RunnerConfig::group_instance_id`] (static membership).
     pub fn group_instance_id(mut self, id: impl Into<String>) -> Self {
         self.group_instance_id = Some(id.into());
+        self
+    }
+
+    /// Sets [`RunnerConfig::create_topics`].
+    pub fn create_topics(mut self, create: bool) -> Self {
+        self.create_topics = create;
         self
     }
 
@@ -150,6 +162,12 @@ pub struct RunnerStats {
     /// partition (a recreated topic, reset offsets): nothing is read there
     /// until the projection is replayed or its checkpoint set.
     pub stopped_partitions: AtomicU64,
+    /// Dead letters copied to the dead letter topic (after their batch
+    /// committed).
+    pub dead_letters_sent: AtomicU64,
+    /// Dead letters the dead letter topic refused for good (too large, not
+    /// authorized): they stay in `tidings_parked` with the error.
+    pub dead_letter_failures: AtomicU64,
 }
 
 /// Runs a [`Projection`] in its consumer group until shutdown.
@@ -273,14 +291,16 @@ impl<P: Projection> Runner<P> {
                     status::register(&self.pool, &name, Some(&self.topics())).await?;
                 // The topics read are created if missing (as the relay would),
                 // so that the subscription sees them at once.
-                let mut topics: BTreeSet<String> = self.topics().into_iter().collect();
-                topics.insert(dlq.clone());
-                ensure_topics(
-                    &self.config.kafka,
-                    &topics,
-                    &self.config.dead_letter_topic_spec,
-                )
-                .await?;
+                if self.config.create_topics {
+                    let mut topics: BTreeSet<String> = self.topics().into_iter().collect();
+                    topics.insert(dlq.clone());
+                    ensure_topics(
+                        &self.config.kafka,
+                        &topics,
+                        &self.config.dead_letter_topic_spec,
+                    )
+                    .await?;
+                }
                 Ok::<_, Error>(registration)
             };
             let (generation, instance) = match setup.await {
@@ -381,14 +401,34 @@ impl<P: Projection> Runner<P> {
         dlq_config
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            // A dead letter is produced while its batch's transaction is
-            // open: bounded, so a broker that is away holds no lock for
-            // minutes (librdkafka's default is 300 s); the batch retries.
+            // Bounded, so that a broker that is away fails a round of
+            // copies in seconds (librdkafka's default is 300 s) and the
+            // sender retries them; no batch waits for it.
             .set("message.timeout.ms", "10000");
+        // The dead letter topic is created with its spec at start (or is
+        // managed elsewhere): a copy never creates it with broker defaults.
+        if !properties.contains_key("allow.auto.create.topics") {
+            dlq_config.set("allow.auto.create.topics", "false");
+        }
         let producer: FutureProducer = dlq_config.create().map_err(|source| Error::Kafka {
             context: format!("creating the dead letter producer of {name}"),
             source,
         })?;
+        let wake_sender = Arc::new(tokio::sync::Notify::new());
+        let sender = tokio::spawn(
+            Sender {
+                pool: self.pool.clone(),
+                producer,
+                projection: name.clone(),
+                topic: dlq.to_owned(),
+                generation,
+                stats: Arc::clone(&self.stats),
+                max_backoff: self.config.max_backoff,
+            }
+            .run(Arc::clone(&wake_sender)),
+        );
+        // Dropped with this scope: the copies in flight are sent again later.
+        let _sender = AbortOnDrop(sender);
         let topics = self.topics();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
@@ -441,7 +481,7 @@ impl<P: Projection> Runner<P> {
                                 .headers()
                                 .map(|h| {
                                     h.iter()
-                                        .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
                                         .collect()
                                 })
                                 .unwrap_or_default(),
@@ -454,8 +494,7 @@ impl<P: Projection> Runner<P> {
                                 generation,
                                 receiver,
                                 Arc::clone(&consumer),
-                                producer.clone(),
-                                dlq.to_owned(),
+                                Arc::clone(&wake_sender),
                                 self.config.clone(),
                                 Arc::clone(&self.stats),
                                 stale_tx.clone(),
@@ -636,6 +675,15 @@ impl Throttle {
     }
 }
 
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn backoff(failures: u32, max: Duration) -> Duration {
     let base = Duration::from_millis(100).saturating_mul(1 << failures.min(10));
     base.min(max).mul_f64(0.5 + fastrand::f64() / 2.0)
@@ -648,8 +696,7 @@ async fn partition_worker<P: Projection>(
     generation: i32,
     mut receiver: mpsc::Receiver<Message>,
     consumer: Arc<StreamConsumer<RunnerContext>>,
-    producer: FutureProducer,
-    dlq: String,
+    wake_sender: Arc<tokio::sync::Notify>,
     config: RunnerConfig,
     stats: Arc<RunnerStats>,
     stale: mpsc::UnboundedSender<()>,
@@ -690,8 +737,6 @@ async fn partition_worker<P: Projection>(
                 generation,
                 &batch,
                 &poison,
-                &dlq,
-                &producer,
                 careful,
             ));
             let applied = futures::FutureExt::catch_unwind(applying)
@@ -711,6 +756,9 @@ async fn partition_worker<P: Projection>(
                         .dead_lettered
                         .fetch_add(outcome.dead_lettered, Ordering::Relaxed);
                     stats.batches.fetch_add(1, Ordering::Relaxed);
+                    if outcome.dead_lettered > 0 {
+                        wake_sender.notify_one();
+                    }
                     if let Some(next) = outcome.next_offset {
                         let mut list = TopicPartitionList::new();
                         let _ = list.add_partition_offset(

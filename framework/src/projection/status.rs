@@ -193,6 +193,9 @@ pub struct ProjectionStatus {
     pub parked: i64,
     /// Dead-lettered events not re-driven yet.
     pub dead_lettered: i64,
+    /// Dead letters whose copy the dead letter topic refused for good (see
+    /// `dlq list`); they stay parked in PostgreSQL.
+    pub undeliverable: i64,
 }
 
 impl ProjectionStatus {
@@ -306,9 +309,9 @@ pub async fn status_with(
     .fetch_all(pool)
     .await
     .map_err(Error::db(format!("reading the positions of {name}")))?;
-    let (parked, dead_lettered): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE NOT dead_letter), count(*) FILTER (WHERE dead_letter) \
-         FROM tidings_parked WHERE projection = $1",
+    let (parked, dead_lettered, undeliverable): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE NOT dead_letter), count(*) FILTER (WHERE dead_letter), \
+         count(*) FILTER (WHERE dlq_error IS NOT NULL) FROM tidings_parked WHERE projection = $1",
     )
     .bind(name)
     .fetch_one(pool)
@@ -341,5 +344,6 @@ pub async fn status_with(
         partitions,
         parked,
         dead_lettered,
+        undeliverable,
     })
 }

@@ -225,6 +225,15 @@ pub(super) fn producer(config: &RelayConfig, tracker: &Arc<Tracker>) -> Result<R
     if !config.kafka.properties.contains_key("linger.ms") {
         client.set("linger.ms", "5");
     }
+    // Topics are created by the relay with their spec (or managed
+    // elsewhere): a produce never creates one with the broker's defaults.
+    if !config
+        .kafka
+        .properties
+        .contains_key("allow.auto.create.topics")
+    {
+        client.set("allow.auto.create.topics", "false");
+    }
     client
         .create_with_context(RelayContext {
             tracker: Arc::clone(tracker),

@@ -1,0 +1,150 @@
+//! A gauge read model fed straight from a topic (no store in between), for
+//! scenarios that need messages no store would write: a panicking typed
+//! upcaster, bad sequences, foreign headers.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use sqlx::PgConnection;
+use tidings::projection::{ApplyError, Projection, Runner};
+use tidings::{Envelope, Event, RawEnvelope};
+
+use crate::{TestDb, create_topic_named, unique};
+
+/// Version 1 carried a string; the typed upcaster parses it and, like a
+/// user who thought it could not fail, panics on a value it cannot parse.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct SetV1 {
+    /// The value, as text.
+    pub value: String,
+}
+
+impl From<SetV1> for GaugeEvent {
+    fn from(v1: SetV1) -> Self {
+        GaugeEvent::Set {
+            value: v1.value.parse().expect("a v1 value is a number"),
+        }
+    }
+}
+
+/// What happens to a gauge: version 2 carries a number.
+#[derive(Debug, Clone, PartialEq, Event)]
+#[event(topic = "gauges")]
+pub enum GaugeEvent {
+    /// The gauge's new value.
+    #[event(version = 2, upcast(from = 1, typed = SetV1))]
+    Set {
+        /// The value.
+        value: i64,
+    },
+}
+
+/// The last value and the number of events applied, per gauge.
+#[derive(Debug, Clone, Copy)]
+pub struct GaugeView;
+
+#[async_trait]
+impl Projection for GaugeView {
+    type Event = GaugeEvent;
+
+    fn name(&self) -> &str {
+        "gauge_view"
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &Envelope<GaugeEvent>,
+    ) -> Result<(), ApplyError> {
+        let GaugeEvent::Set { value } = envelope.payload;
+        sqlx::query(
+            "INSERT INTO gauge_view AS g (id, value, events) VALUES ($1, $2, 1) \
+             ON CONFLICT (id) DO UPDATE SET value = $2, events = g.events + 1",
+        )
+        .bind(&envelope.aggregate_id)
+        .bind(value)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), ApplyError> {
+        sqlx::query("TRUNCATE gauge_view").execute(conn).await?;
+        Ok(())
+    }
+}
+
+/// A version 1 envelope of gauge `id`.
+pub fn v1(id: &str, sequence: u64, value: &str) -> String {
+    v1_padded(id, sequence, value, 0)
+}
+
+/// [`v1`] with `pad` bytes of metadata (to make a message large).
+pub fn v1_padded(id: &str, sequence: u64, value: &str, pad: usize) -> String {
+    let metadata = if pad == 0 {
+        BTreeMap::new()
+    } else {
+        BTreeMap::from([("pad".to_owned(), "p".repeat(pad))])
+    };
+    RawEnvelope {
+        event_type: "Set".into(),
+        event_version: 1,
+        event_id: uuid::Uuid::now_v7(),
+        timestamp: tidings::now_micros(),
+        aggregate_type: "gauge".into(),
+        aggregate_id: id.into(),
+        sequence,
+        correlation_id: None,
+        causation_id: None,
+        metadata,
+        payload: json!({ "value": value }),
+    }
+    .to_json()
+}
+
+/// A fresh topic of one partition under a fresh prefix (every event of a
+/// test queues behind the others), and a producer for it.
+pub async fn one_partition_topic() -> (String, String, FutureProducer) {
+    let prefix = format!("{}.", unique("t"));
+    let topic = format!("{prefix}gauges");
+    create_topic_named(&topic, 1).await;
+    let producer: FutureProducer = crate::kafka_config().create().unwrap();
+    (prefix, topic, producer)
+}
+
+/// Creates `gauge_view`.
+pub async fn create_gauge_view(db: &TestDb) {
+    sqlx::query("CREATE TABLE gauge_view (id TEXT PRIMARY KEY, value BIGINT NOT NULL, events BIGINT NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
+/// Produces one message and waits for its acknowledgement.
+pub async fn produce(producer: &FutureProducer, topic: &str, key: &str, value: &str) {
+    producer
+        .send(
+            FutureRecord::to(topic).key(key).payload(value),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
+/// Runs `runner` in the background until the sender is fired.
+pub fn spawn_runner<P: Projection>(
+    runner: Runner<P>,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<tidings::Result<()>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run(async move {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}

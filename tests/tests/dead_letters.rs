@@ -1,0 +1,266 @@
+//! Dead letters against real PostgreSQL and the real broker: sent after
+//! their batch committed, refused copies recorded, faithful copies, and bad
+//! input dead-lettered rather than skipped or parked wrongly.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use tidings::kafka::KafkaConfig;
+use tidings::projection::{Runner, RunnerConfig, list_parked, redrive_stream};
+use tidings_tests::gauges::{
+    GaugeView, create_gauge_view, one_partition_topic, produce, spawn_runner, v1, v1_padded,
+};
+use tidings_tests::{TestDb, brokers, consume, create_topic_named};
+
+async fn events_of(db: &TestDb, id: &str) -> i64 {
+    sqlx::query_scalar("SELECT events FROM gauge_view WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap()
+        .unwrap_or(0)
+}
+
+async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A v1 envelope of gauge `id` whose value makes the upcaster panic, with
+/// `pad` bytes of metadata.
+fn poison(id: &str, sequence: u64, pad: usize) -> String {
+    v1_padded(id, sequence, "not a number", pad)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_topic_refuses_for_good_is_recorded_and_holds_up_nothing() {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
+    produce(&producer, &topic, "g-1", &poison("g-1", 1, 3000)).await;
+    for sequence in 1..=3 {
+        produce(&producer, &topic, "g-2", &v1("g-2", sequence, "7")).await;
+    }
+    // The dead letter producer may send at most 2,000 bytes: the copy of
+    // the poison (over 3,000) is refused by the client, for good.
+    let kafka = KafkaConfig::new(brokers()).set("message.max.bytes", "2000");
+    let runner = Runner::new(
+        db.pool.clone(),
+        GaugeView,
+        RunnerConfig::new(kafka).topic_prefix(&prefix),
+    )
+    .unwrap();
+    let stats = runner.stats();
+    let (stop, task) = spawn_runner(runner);
+    wait_until(
+        "the events behind the poison apply",
+        Duration::from_secs(30),
+        async || events_of(&db, "g-2").await == 3,
+    )
+    .await;
+    wait_until(
+        "the refusal is recorded",
+        Duration::from_secs(30),
+        async || stats.dead_letter_failures.load(Relaxed) == 1,
+    )
+    .await;
+    let parked = list_parked(&db.pool, Some("gauge_view")).await.unwrap();
+    assert_eq!(parked.len(), 1, "{parked:#?}");
+    let error = parked[0].dlq_error.as_deref().unwrap_or_default();
+    assert!(error.contains("too large"), "{error}");
+    let status = tidings::projection::projection_status(
+        &db.pool,
+        &KafkaConfig::new(brokers()),
+        "gauge_view",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!((status.dead_lettered, status.undeliverable), (1, 1));
+    assert_eq!(status.lag(), 0, "the partition moved past it");
+    // Not retried: the counter stays at one.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(stats.dead_letter_failures.load(Relaxed), 1);
+    assert_eq!(stats.dead_letters_sent.load(Relaxed), 0);
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_waiting_for_its_topic_holds_up_nothing_and_arrives_byte_for_byte() {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
+    // Headers no text column could keep: binary, and a repeated key.
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "bin",
+            value: Some(&[0xff, 0x00, 0xfe][..]),
+        })
+        .insert(Header {
+            key: "dup",
+            value: Some("a"),
+        })
+        .insert(Header {
+            key: "dup",
+            value: Some("b"),
+        });
+    let value = poison("g-1", 1, 0);
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("g-1")
+                .payload(&value)
+                .headers(headers),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    for sequence in 1..=3 {
+        produce(&producer, &topic, "g-2", &v1("g-2", sequence, "7")).await;
+    }
+    // The dead letter topic does not exist and the runner may not create
+    // it: no copy can be delivered for now.
+    let config = RunnerConfig::new(KafkaConfig::new(brokers()))
+        .topic_prefix(&prefix)
+        .create_topics(false);
+    let runner = Runner::new(db.pool.clone(), GaugeView, config).unwrap();
+    let stats = runner.stats();
+    let (stop, task) = spawn_runner(runner);
+    wait_until(
+        "the events behind the poison apply",
+        Duration::from_secs(20),
+        async || events_of(&db, "g-2").await == 3,
+    )
+    .await;
+    let unsent: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tidings_parked WHERE dead_letter AND dlq_sent_at IS NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(unsent, 1, "recorded, waiting to be sent");
+    assert_eq!(stats.dead_letters_sent.load(Relaxed), 0);
+
+    let dlq = format!("{prefix}gauge_view.dlq");
+    create_topic_named(&dlq, 1).await;
+    let copies = consume(&dlq, 1, Duration::from_millis(500), Duration::from_secs(60)).await;
+    assert_eq!(copies.len(), 1, "one copy");
+    let copy = &copies[0];
+    assert_eq!(copy.key, "g-1");
+    assert_eq!(copy.value, value);
+    assert_eq!(
+        copy.raw_headers[..3],
+        [
+            ("bin".to_owned(), Some(vec![0xff, 0x00, 0xfe])),
+            ("dup".to_owned(), Some(b"a".to_vec())),
+            ("dup".to_owned(), Some(b"b".to_vec())),
+        ],
+        "the original headers, in order, byte for byte"
+    );
+    let header = |key: &str| {
+        copy.headers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(header("tidings.dlq.generation").as_deref(), Some("1"));
+    assert_eq!(header("tidings.dlq.offset").as_deref(), Some("0"));
+    assert!(
+        header("tidings.dlq.reason").is_some_and(|r| r.contains("panicked")),
+        "{:?}",
+        copy.headers
+    );
+    wait_until(
+        "the copy is marked sent",
+        Duration::from_secs(10),
+        async || stats.dead_letters_sent.load(Relaxed) == 1,
+    )
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_of_zero_or_beyond_i64_are_dead_lettered_not_skipped() {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
+    produce(&producer, &topic, "g-1", &v1("g-1", 0, "1")).await;
+    produce(&producer, &topic, "g-2", &v1("g-2", u64::MAX, "1")).await;
+    produce(&producer, &topic, "g-3", &v1("g-3", 1, "1")).await;
+    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
+    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    wait_until("g-3 applies", Duration::from_secs(30), async || {
+        events_of(&db, "g-3").await == 1
+    })
+    .await;
+    let parked = list_parked(&db.pool, Some("gauge_view")).await.unwrap();
+    let dead: Vec<_> = parked
+        .iter()
+        .filter(|p| p.dead_letter && p.reason.contains("invalid sequence"))
+        .map(|p| p.aggregate_id.as_str())
+        .collect();
+    assert_eq!(dead, ["g-1", "g-2"], "{parked:#?}");
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applied_duplicate_that_no_longer_decodes_does_not_park_its_stream() {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
+    produce(&producer, &topic, "g-1", &v1("g-1", 1, "5")).await;
+    // Sequence 1 again, as the relay republishes it, but unreadable now.
+    produce(&producer, &topic, "g-1", &poison("g-1", 1, 0)).await;
+    produce(&producer, &topic, "g-1", &v1("g-1", 2, "6")).await;
+    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
+    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    wait_until(
+        "g-1's second event applies",
+        Duration::from_secs(30),
+        async || events_of(&db, "g-1").await == 2,
+    )
+    .await;
+    let parked = list_parked(&db.pool, Some("gauge_view")).await.unwrap();
+    assert!(parked.is_empty(), "{parked:#?}");
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_catches_a_panic_and_keeps_the_event_parked_with_why() {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
+    produce(&producer, &topic, "g-1", &poison("g-1", 1, 0)).await;
+    produce(&producer, &topic, "g-1", &v1("g-1", 2, "6")).await;
+    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
+    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    wait_until("both parked", Duration::from_secs(30), async || {
+        list_parked(&db.pool, Some("gauge_view"))
+            .await
+            .unwrap()
+            .len()
+            == 2
+    })
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    let report = redrive_stream(&db.pool, &GaugeView, "gauge", "g-1")
+        .await
+        .expect("a panic while re-driving is the event's reason, not the re-drive's end");
+    assert_eq!((report.applied, report.still_parked), (0, 2));
+    let parked = list_parked(&db.pool, Some("gauge_view")).await.unwrap();
+    assert!(
+        parked[0].dead_letter && parked[0].reason.contains("decoding panicked"),
+        "{parked:#?}"
+    );
+}
