@@ -5,8 +5,10 @@
 //! runners) with a [`Metrics`] registry and [`serve`] it: `GET /metrics`
 //! renders their counters and, at scrape time, the outbox depth and age and
 //! each projection's lag per partition; `GET /health` answers while the
-//! process runs; `GET /ready` answers 200 only while PostgreSQL answers and
-//! every registered relay is healthy (not failing, not stalled).
+//! process runs; `GET /ready` answers 200 only while PostgreSQL answers,
+//! every registered relay is healthy (not failing, not stalled) and every
+//! registered projection runner's consumer is healthy (not failing for
+//! longer than its allowance, not refused by the broker).
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -284,8 +286,47 @@ impl Metrics {
                 .collect();
             metric(name, "counter", help, samples);
         }
+        // Parked and dead letters from PostgreSQL alone: known while the
+        // broker is away.
+        let mut parked = Vec::new();
+        for (projection, _, _) in &runners {
+            let counts: std::result::Result<(i64, i64, i64), _> = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE NOT dead_letter), count(*) FILTER (WHERE dead_letter), \
+                 count(*) FILTER (WHERE dlq_error IS NOT NULL) FROM tidings_parked WHERE projection = $1",
+            )
+            .bind(projection)
+            .fetch_one(&self.pool)
+            .await;
+            if let Ok(counts) = counts {
+                parked.push((projection.clone(), counts));
+            }
+        }
+        for (name, help, pick) in [
+            (
+                "tidings_projection_parked",
+                "Events parked behind a dead letter now.",
+                (|c: &(i64, i64, i64)| c.0) as fn(&(i64, i64, i64)) -> i64,
+            ),
+            (
+                "tidings_projection_dead_letters",
+                "Dead letters not re-driven or skipped yet.",
+                |c| c.1,
+            ),
+            (
+                "tidings_projection_dead_letters_undeliverable",
+                "Dead letters the dead letter topic refused for good.",
+                |c| c.2,
+            ),
+        ] {
+            let samples = parked
+                .iter()
+                .map(|(p, c)| (format!("{{projection=\"{p}\"}}"), pick(c) as f64))
+                .collect();
+            metric(name, "gauge", help, samples);
+        }
         if let Some(kafka) = &self.kafka {
             let mut samples = Vec::new();
+            let mut known = Vec::new();
             let watermarks = {
                 let mut kept = self.watermarks.lock().expect("metrics lock");
                 if kept.is_none() {
@@ -293,20 +334,27 @@ impl Metrics {
                 }
                 kept.clone()
             };
-            for (projection, topics, _) in runners.iter().filter(|_| watermarks.is_some()) {
-                let watermarks = watermarks.as_ref().expect("filtered");
-                if let Ok(status) =
-                    crate::projection::status_with(&self.pool, watermarks, projection, topics).await
-                {
-                    for p in status.partitions {
-                        samples.push((
-                            format!(
-                                "{{projection=\"{projection}\",topic=\"{}\",partition=\"{}\"}}",
-                                p.topic, p.partition
-                            ),
-                            p.lag as f64,
-                        ));
+            for (projection, topics, _) in &runners {
+                let status = match &watermarks {
+                    Some(watermarks) => {
+                        crate::projection::status_with(&self.pool, watermarks, projection, topics)
+                            .await
+                            .ok()
                     }
+                    None => None,
+                };
+                known.push((
+                    format!("{{projection=\"{projection}\"}}"),
+                    if status.is_some() { 1.0 } else { 0.0 },
+                ));
+                for p in status.into_iter().flat_map(|s| s.partitions) {
+                    samples.push((
+                        format!(
+                            "{{projection=\"{projection}\",topic=\"{}\",partition=\"{}\"}}",
+                            p.topic, p.partition
+                        ),
+                        p.lag as f64,
+                    ));
                 }
             }
             metric(
@@ -314,6 +362,12 @@ impl Metrics {
                 "gauge",
                 "Messages not yet applied, per partition.",
                 samples,
+            );
+            metric(
+                "tidings_projection_lag_known",
+                "gauge",
+                "1 when the lag could be read (the broker answered), else 0: no lag sample then means unknown, not 0.",
+                known,
             );
         }
         out
@@ -328,6 +382,10 @@ impl Metrics {
                     .relays
                     .iter()
                     .all(|r| r.healthy.load(Ordering::Relaxed))
+                    && parts
+                        .runners
+                        .iter()
+                        .all(|(_, _, r)| r.healthy.load(Ordering::Relaxed))
             })
             .unwrap_or(false);
         relays_healthy

@@ -169,3 +169,51 @@ async fn the_relay_binary_serves_health_and_metrics() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_answers_503_while_a_runner_cannot_reach_its_broker() {
+    let db = TestDb::new().await;
+    let summary = OrderSummary::default();
+    summary.create_table(&db.pool).await.unwrap();
+    // Nothing listens there: every consumer poll fails.
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = nowhere.local_addr().unwrap().to_string();
+    drop(nowhere);
+    let config = RunnerConfig::new(KafkaConfig::new(&address))
+        .topic_prefix(tidings_tests::unique("t"))
+        .create_topics(false)
+        .unhealthy_after(Duration::from_secs(2));
+    let runner = Runner::new(db.pool.clone(), summary, config).unwrap();
+    let stats = runner.stats();
+    let metrics = Metrics::new(db.pool.clone(), None);
+    metrics.runner("order_summary", runner.topics(), runner.stats());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let addr = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        metrics,
+        until(stopped.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(get(addr, "/ready").await.0, 200, "healthy before it fails");
+    let task = tokio::spawn(runner.run(until(stopped.clone())));
+    let started = Instant::now();
+    while get(addr, "/ready").await.0 != 503 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "/ready stayed 200 with the runner's broker unreachable"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!stats.healthy.load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(get(addr, "/health").await.0, 200, "alive all along");
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("shutdown while the broker is unreachable")
+        .unwrap()
+        .unwrap();
+}

@@ -922,3 +922,65 @@ async fn status_shows_the_lag_of_a_topic_the_projection_was_never_delivered_from
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_whose_database_goes_silent_mid_batch_shuts_down_within_its_batch_timeout() {
+    use sqlx::postgres::PgPoolOptions;
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let server = format!(
+        "{}:{}",
+        db.connect_options().get_host(),
+        db.connect_options().get_port()
+    );
+    let proxy = tidings_tests::proxy::Proxy::start(&server).await;
+    let port: u16 = proxy.address.rsplit(':').next().unwrap().parse().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(db.connect_options().host("127.0.0.1").port(port))
+        .await
+        .unwrap();
+    let (prefix, topic, producer) = one_partition_topic().await;
+    for sequence in 1..=10 {
+        produce(&producer, &topic, "g-1", &v1("g-1", sequence, "1")).await;
+    }
+    let config = RunnerConfig::new(KafkaConfig::new(brokers()))
+        .topic_prefix(&prefix)
+        .batch_timeout(Duration::from_secs(3));
+    let (stop, task) = spawn_runner(Runner::new(pool, GaugeView, config).unwrap());
+    let started = Instant::now();
+    loop {
+        let events: Option<i64> =
+            sqlx::query_scalar("SELECT events FROM gauge_view WHERE id = 'g-1'")
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap();
+        if events == Some(10) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The network to PostgreSQL goes silent; the next batch waits on it.
+    proxy.black_hole();
+    let forwarded = proxy.forwarded();
+    for sequence in 11..=15 {
+        produce(&producer, &topic, "g-1", &v1("g-1", sequence, "1")).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopping = Instant::now();
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("shutdown hung on the silent database")
+        .unwrap()
+        .unwrap();
+    let took = stopping.elapsed();
+    assert_eq!(
+        proxy.forwarded(),
+        forwarded,
+        "nothing passed the black hole"
+    );
+    println!("shutdown with PostgreSQL silent took {took:?}");
+    assert!(took <= Duration::from_secs(8), "{took:?}");
+}

@@ -39,6 +39,13 @@ pub struct RunnerConfig {
     pub generation_check: Duration,
     /// How missing topics (read, and the dead letter topic) are created.
     pub dead_letter_topic_spec: TopicSpec,
+    /// The longest a batch may take, database calls included (default
+    /// 60 s): a batch past it is abandoned (rolled back) and retried, so a
+    /// database that went silent never hangs a partition or shutdown.
+    pub batch_timeout: Duration,
+    /// How long consumer errors may go on before the runner reports itself
+    /// unhealthy (default 30 s).
+    pub unhealthy_after: Duration,
     /// Create missing topics at start (default true). Off where topics
     /// are managed elsewhere; with it on, only missing topics are asked for,
     /// so a principal without CREATE works when the topics exist.
@@ -69,6 +76,8 @@ impl RunnerConfig {
             generation_check: Duration::from_secs(1),
             dead_letter_topic_spec: TopicSpec::default(),
             create_topics: true,
+            batch_timeout: Duration::from_secs(60),
+            unhealthy_after: Duration::from_secs(30),
             max_message_bytes: 1 << 20,
             session_timeout: Duration::from_secs(8),
             group_instance_id: None,
@@ -84,6 +93,18 @@ impl RunnerConfig {
     /// Sets [`RunnerConfig::group_instance_id`] (static membership).
     pub fn group_instance_id(mut self, id: impl Into<String>) -> Self {
         self.group_instance_id = Some(id.into());
+        self
+    }
+
+    /// Sets [`RunnerConfig::batch_timeout`].
+    pub fn batch_timeout(mut self, timeout: Duration) -> Self {
+        self.batch_timeout = timeout;
+        self
+    }
+
+    /// Sets [`RunnerConfig::unhealthy_after`].
+    pub fn unhealthy_after(mut self, allowance: Duration) -> Self {
+        self.unhealthy_after = allowance;
         self
     }
 
@@ -141,8 +162,12 @@ pub(crate) fn group_id(
 }
 
 /// Counters of a running projection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RunnerStats {
+    /// False while the consumer keeps failing (errors for longer than
+    /// [`RunnerConfig::unhealthy_after`], or a permanent error such as a
+    /// refused authorization): `/ready` answers 503 then.
+    pub healthy: std::sync::atomic::AtomicBool,
     /// Events applied to the read model.
     pub applied: AtomicU64,
     /// Messages skipped as already applied (redelivered or republished).
@@ -168,6 +193,24 @@ pub struct RunnerStats {
     /// Dead letters the dead letter topic refused for good (too large, not
     /// authorized): they stay in `tidings_parked` with the error.
     pub dead_letter_failures: AtomicU64,
+}
+
+impl Default for RunnerStats {
+    fn default() -> Self {
+        RunnerStats {
+            healthy: std::sync::atomic::AtomicBool::new(true),
+            applied: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            revoked: AtomicU64::new(0),
+            stopped_partitions: AtomicU64::new(0),
+            dead_letters_sent: AtomicU64::new(0),
+            dead_letter_failures: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Runs a [`Projection`] in its consumer group until shutdown.
@@ -284,6 +327,7 @@ impl<P: Projection> Runner<P> {
         tokio::pin!(shutdown);
         let name = self.projection.name().to_owned();
         let mut failures = 0u32;
+        let mut setup_failing_since: Option<Instant> = None;
         let dlq = self.dead_letter_topic();
         loop {
             let setup = async {
@@ -310,6 +354,10 @@ impl<P: Projection> Runner<P> {
                         return Err(error);
                     }
                     failures += 1;
+                    let since = *setup_failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.config.unhealthy_after {
+                        self.stats.healthy.store(false, Ordering::Relaxed);
+                    }
                     tracing::warn!(projection = name, %error, "projection: setup failed; retrying");
                     let delay = backoff(failures, self.config.max_backoff);
                     tokio::select! {
@@ -319,6 +367,9 @@ impl<P: Projection> Runner<P> {
                 }
             };
             failures = 0;
+            if setup_failing_since.take().is_some() {
+                self.stats.healthy.store(true, Ordering::Relaxed);
+            }
             match self
                 .consume(generation, instance, &dlq, &mut shutdown)
                 .await?
@@ -444,8 +495,17 @@ impl<P: Projection> Runner<P> {
         // Assigned partitions not yet sought to their checkpoint (paused).
         let mut unsought: Vec<Key> = Vec::new();
         let mut consumer_errors = Throttle::new(Duration::from_secs(10));
+        let mut health = Health::default();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
-        let mut last_generation_check = Instant::now();
+        // The generation is watched by a task of its own: a slow or
+        // exhausted pool never stops message intake and rebalance handling.
+        let _watcher = AbortOnDrop(tokio::spawn(watch_generation(
+            self.pool.clone(),
+            name.clone(),
+            generation,
+            self.config.generation_check,
+            stale_tx.clone(),
+        )));
         let capacity = self.config.batch_size * 2;
         let end = loop {
             tokio::select! {
@@ -470,6 +530,7 @@ impl<P: Projection> Runner<P> {
                 },
                 received = consumer.recv() => match received {
                     Ok(message) => {
+                        health.ok(&self.stats);
                         let key = (message.topic().to_owned(), message.partition());
                         let owned = Message {
                             topic: key.0.clone(),
@@ -507,8 +568,13 @@ impl<P: Projection> Runner<P> {
                     Err(error) => {
                         // An outage yields an error per poll: one line, then
                         // a summary per interval, not a line per retry.
+                        let permanent = health.failed(&error, self.config.unhealthy_after, &self.stats);
                         if let Some(suppressed) = consumer_errors.allow() {
-                            tracing::warn!(projection = name, %error, suppressed, "projection: consumer error");
+                            if permanent {
+                                tracing::error!(projection = name, %error, suppressed, "projection: the broker refuses this runner (it is not ready until this is fixed)");
+                            } else {
+                                tracing::warn!(projection = name, %error, suppressed, "projection: consumer error");
+                            }
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
@@ -521,14 +587,7 @@ impl<P: Projection> Runner<P> {
                         flush(&consumer, key, worker);
                     }
                     workers.retain(|_, w| !w.handle.is_finished());
-                    if last_generation_check.elapsed() >= self.config.generation_check {
-                        last_generation_check = Instant::now();
-                        match status::generation(&self.pool, &name).await {
-                            Ok(Some(g)) if g != generation => break End::NewGeneration,
-                            Ok(_) => {}
-                            Err(error) => tracing::warn!(projection = name, %error, "projection: reading the generation"),
-                        }
-                    }
+                    health.tick(&self.stats);
                 }
             }
         };
@@ -675,6 +734,97 @@ impl Throttle {
     }
 }
 
+/// Sends on `stale` when a replay (or a retirement) replaced `generation`.
+async fn watch_generation(
+    pool: PgPool,
+    name: String,
+    generation: i32,
+    every: Duration,
+    stale: mpsc::UnboundedSender<()>,
+) {
+    let mut errors = Throttle::new(Duration::from_secs(10));
+    loop {
+        tokio::time::sleep(every).await;
+        match tokio::time::timeout(Duration::from_secs(10), status::generation(&pool, &name)).await
+        {
+            Ok(Ok(Some(g))) if g != generation => {
+                let _ = stale.send(());
+                return;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                if let Some(suppressed) = errors.allow() {
+                    tracing::warn!(projection = name, %error, suppressed, "projection: reading the generation");
+                }
+            }
+            Err(_) => {
+                if let Some(suppressed) = errors.allow() {
+                    tracing::warn!(
+                        projection = name,
+                        suppressed,
+                        "projection: reading the generation: no answer within 10 s"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Whether the consumer is failing: a streak of errors longer than the
+/// allowance, or an error retrying cannot cure, makes the runner unhealthy;
+/// 10 s without an error (or a message) makes it healthy again.
+#[derive(Default)]
+struct Health {
+    streak_since: Option<Instant>,
+    last_error: Option<Instant>,
+}
+
+impl Health {
+    const QUIET: Duration = Duration::from_secs(10);
+
+    fn ok(&mut self, stats: &RunnerStats) {
+        if self.streak_since.take().is_some() || !stats.healthy.load(Ordering::Relaxed) {
+            stats.healthy.store(true, Ordering::Relaxed);
+        }
+        self.last_error = None;
+    }
+
+    /// Records an error; returns whether it is permanent.
+    fn failed(
+        &mut self,
+        error: &rdkafka::error::KafkaError,
+        allowance: Duration,
+        stats: &RunnerStats,
+    ) -> bool {
+        use rdkafka::types::RDKafkaErrorCode::*;
+        let now = Instant::now();
+        if self.last_error.is_none_or(|t| now - t > Self::QUIET) {
+            self.streak_since = Some(now);
+        }
+        self.last_error = Some(now);
+        let permanent = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                TopicAuthorizationFailed
+                    | GroupAuthorizationFailed
+                    | ClusterAuthorizationFailed
+                    | SaslAuthenticationFailed
+                    | Authentication
+            )
+        );
+        if permanent || self.streak_since.is_some_and(|t| now - t > allowance) {
+            stats.healthy.store(false, Ordering::Relaxed);
+        }
+        permanent
+    }
+
+    fn tick(&mut self, stats: &RunnerStats) {
+        if self.last_error.is_some_and(|t| t.elapsed() > Self::QUIET) {
+            self.ok(stats);
+        }
+    }
+}
+
 /// Aborts the task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -739,14 +889,23 @@ async fn partition_worker<P: Projection>(
                 &poison,
                 careful,
             ));
-            let applied = futures::FutureExt::catch_unwind(applying)
-                .await
-                .unwrap_or_else(|panic| {
-                    Err(Failure::Transient(format!(
-                        "the batch panicked: {}",
-                        super::apply::panic_message(&*panic)
-                    )))
-                });
+            let applied = tokio::time::timeout(
+                config.batch_timeout,
+                futures::FutureExt::catch_unwind(applying),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Ok(Err(Failure::Transient(format!(
+                    "the batch did not finish within {:?} (abandoned and rolled back)",
+                    config.batch_timeout
+                ))))
+            })
+            .unwrap_or_else(|panic| {
+                Err(Failure::Transient(format!(
+                    "the batch panicked: {}",
+                    super::apply::panic_message(&*panic)
+                )))
+            });
             match applied {
                 Ok(outcome) => {
                     stats.applied.fetch_add(outcome.applied, Ordering::Relaxed);
