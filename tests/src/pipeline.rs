@@ -145,10 +145,15 @@ impl Figures {
         );
     }
 
-    /// Asserts nothing was lost or reordered.
+    /// Asserts nothing was lost or reordered: every committed event is on
+    /// the topic (a topic read cut short fails here) and applied once.
     pub fn assert_sound(&self, scenario: &str) {
         self.print(scenario);
         assert_eq!(self.lost, 0, "{scenario}: events lost: {self:?}");
+        assert_eq!(
+            self.published, self.committed,
+            "{scenario}: distinct events on the topic: {self:?}"
+        );
         assert_eq!(
             self.out_of_order, 0,
             "{scenario}: events out of order: {self:?}"
