@@ -63,12 +63,19 @@ async fn main() -> Result<(), BoxError> {
             day.day, day.orders, day.ordered, day.paid, day.cancelled
         );
     }
+    let applied_before = stats.applied.load(Ordering::Relaxed);
     replay(&pool, &DailyTotals).await?;
+    let reset = DailyTotals::rows(&pool).await?.is_empty();
     let rebuilt = wait_until("the replayed report", Duration::from_secs(60), || async {
-        Ok(DailyTotals::rows(&pool).await? == report)
+        Ok(stats.applied.load(Ordering::Relaxed) >= applied_before + events
+            && DailyTotals::rows(&pool).await? == report)
     })
     .await;
-    println!("3. replayed from the topic: identical: {}", rebuilt.is_ok());
+    println!(
+        "3. replayed from the topic (reset: {reset}, applied again: {}): identical: {}",
+        stats.applied.load(Ordering::Relaxed) - applied_before,
+        rebuilt.is_ok() && reset
+    );
     runner.stop().await?;
     relay.stop().await?;
     rebuilt?;

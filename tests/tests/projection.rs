@@ -216,15 +216,43 @@ async fn read_model_matches_the_store_despite_duplicates_and_replays_identically
     assert_eq!(status.lag(), 0, "{status:?}");
     assert_eq!(status.generation, 1);
 
-    // Replay: reset and rebuild from the beginning of the topic.
+    // Replay: reset and rebuild from the beginning of the topic. The
+    // read model is emptied and every event applied once more, under
+    // generation 2 (a replay that only bumped the generation would leave
+    // the rows as they were and apply nothing).
+    let applied_before = running.stats.applied.load(Ordering::Relaxed);
     let generation = replay(&db.pool, &summary).await.unwrap();
     assert_eq!(generation, 2);
+    let right_after = summary.rows(&db.pool).await.unwrap();
+    assert!(
+        right_after.len() < rows.len(),
+        "the replay reset the read model ({} of {} rows right after it)",
+        right_after.len(),
+        rows.len()
+    );
     wait_for(
         "the replay rebuilt the read model",
         Duration::from_secs(60),
-        async || summary.rows(&db.pool).await.unwrap() == rows,
+        async || {
+            stats.applied.load(Ordering::Relaxed) >= applied_before + total
+                && summary.rows(&db.pool).await.unwrap() == rows
+        },
     )
     .await;
+    assert_eq!(
+        running.stats.applied.load(Ordering::Relaxed),
+        applied_before + total,
+        "each event applied once more, no more"
+    );
+    let status = tidings::projection::projection_status(
+        &db.pool,
+        &KafkaConfig::new(brokers()),
+        "order_summary",
+        std::slice::from_ref(&topic),
+    )
+    .await
+    .unwrap();
+    assert_eq!((status.generation, status.lag()), (2, 0), "{status:?}");
     running.stop().await;
     relay_stop.send(()).unwrap();
     relay.await.unwrap().unwrap();
