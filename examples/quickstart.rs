@@ -141,9 +141,11 @@ async fn main() -> Result<(), BoxError> {
     // look the same.
     wait_until("the replay", Duration::from_secs(60), || async {
         let rows = summary.rows(&pool).await?;
-        Ok(runner_stats.applied.load(Ordering::Relaxed) >= applied_before + total
-            && rows.len() == before.len()
-            && rows.iter().map(|r| r.events_applied).sum::<i32>() == total as i32)
+        Ok(
+            runner_stats.applied.load(Ordering::Relaxed) >= applied_before + total
+                && rows.len() == before.len()
+                && rows.iter().map(|r| r.events_applied).sum::<i32>() == total as i32,
+        )
     })
     .await?;
     println!(

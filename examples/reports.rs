@@ -67,8 +67,10 @@ async fn main() -> Result<(), BoxError> {
     replay(&pool, &DailyTotals).await?;
     let reset = DailyTotals::rows(&pool).await?.is_empty();
     let rebuilt = wait_until("the replayed report", Duration::from_secs(60), || async {
-        Ok(stats.applied.load(Ordering::Relaxed) >= applied_before + events
-            && DailyTotals::rows(&pool).await? == report)
+        Ok(
+            stats.applied.load(Ordering::Relaxed) >= applied_before + events
+                && DailyTotals::rows(&pool).await? == report,
+        )
     })
     .await;
     println!(

@@ -403,28 +403,67 @@ impl Drop for Spawned {
     }
 }
 
-/// Path of the `tidings` binary built alongside the tests.
+/// Path of the `tidings` binary, refused when older than the sources it
+/// is built from (a test must not exercise a stale build).
 pub fn tidings_bin() -> std::path::PathBuf {
-    if let Some(path) = option_env!("CARGO_BIN_EXE_tidings") {
-        return path.into();
-    }
-    let bin = build_dir().join("tidings");
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo build -p tidings` first",
-        bin.display()
-    );
-    bin
+    current(
+        build_dir().join("tidings"),
+        &["framework", "macros", "migrations"],
+        "cargo build -p tidings --bin tidings",
+    )
 }
 
-/// Path of an example binary built alongside the tests (`cargo test` builds examples).
+/// Path of an example binary, refused when older than the sources it is
+/// built from (`cargo test --workspace` builds examples; `cargo test -p
+/// tidings-tests` does not).
 pub fn example_bin(name: &str) -> std::path::PathBuf {
-    let bin = build_dir().join("examples").join(name);
-    assert!(
-        bin.exists(),
-        "{} not built: run `cargo build -p tidings-examples --examples` first",
-        bin.display()
-    );
+    current(
+        build_dir().join("examples").join(name),
+        &["framework", "macros", "migrations", "examples"],
+        "cargo build -p tidings-examples --examples",
+    )
+}
+
+/// `bin` if it exists and is newer than every file under `sources` (their
+/// own tests aside).
+fn current(bin: std::path::PathBuf, sources: &[&str], build: &str) -> std::path::PathBuf {
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is not built: run `{build}` first", bin.display()));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace");
+    let mut newest: Option<(std::time::SystemTime, std::path::PathBuf)> = None;
+    let mut pending: Vec<std::path::PathBuf> = sources.iter().map(|d| root.join(d)).collect();
+    while let Some(path) = pending.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            // Their own tests are not part of the binaries.
+            if path
+                .file_name()
+                .is_some_and(|n| n == "tests" || n == "target")
+            {
+                continue;
+            }
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                pending.extend(entries.filter_map(|e| e.ok()).map(|e| e.path()));
+            }
+        } else if let Ok(modified) = meta.modified()
+            && newest.as_ref().is_none_or(|(t, _)| modified > *t)
+        {
+            newest = Some((modified, path));
+        }
+    }
+    if let Some((modified, source)) = newest {
+        assert!(
+            modified <= built,
+            "{} is older than {}: run `{build}` (or `cargo test --workspace`) first",
+            bin.display(),
+            source.display()
+        );
+    }
     bin
 }
 

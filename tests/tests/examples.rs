@@ -73,7 +73,10 @@ fn the_reports_example_rebuilds_identical_daily_totals() {
         cancelled += words[8].parse::<u32>().unwrap();
     }
     assert_eq!((orders, cancelled), (25, 5), "{out}");
-    assert!((worth - 3250.0).abs() < 0.005 && (paid - 1950.0).abs() < 0.005, "{out}");
+    assert!(
+        (worth - 3250.0).abs() < 0.005 && (paid - 1950.0).abs() < 0.005,
+        "{out}"
+    );
     let events = out
         .split("25 orders: ")
         .nth(1)
