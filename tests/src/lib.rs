@@ -368,6 +368,25 @@ fn build_dir() -> std::path::PathBuf {
     }
 }
 
+/// Events whose outbox row is gone: published (and deleted) so far.
+pub async fn published(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM tidings_events e \
+         WHERE NOT EXISTS (SELECT 1 FROM tidings_outbox o WHERE o.event_id = e.event_id)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Rows waiting in the outbox.
+pub async fn outbox_depth(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM tidings_outbox")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// A child process that is killed (SIGKILL) and reaped when dropped, so that
 /// a failing test or benchmark leaves no relay or runner running behind it.
 /// Dereferences to the [`std::process::Child`].
@@ -417,15 +436,23 @@ pub fn tidings_bin() -> std::path::PathBuf {
 /// built from (`cargo test --workspace` builds examples; `cargo test -p
 /// tidings-tests` does not).
 pub fn example_bin(name: &str) -> std::path::PathBuf {
+    let own = format!("examples/{name}.rs");
     current(
         build_dir().join("examples").join(name),
-        &["framework", "macros", "migrations", "examples"],
+        &[
+            "framework",
+            "macros",
+            "migrations",
+            "examples/src",
+            "examples/Cargo.toml",
+            &own,
+        ],
         "cargo build -p tidings-examples --examples",
     )
 }
 
-/// `bin` if it exists and is newer than every file under `sources` (their
-/// own tests aside).
+/// `bin` if it exists and is newer than every file under `sources` (files
+/// or folders; their own tests aside).
 fn current(bin: std::path::PathBuf, sources: &[&str], build: &str) -> std::path::PathBuf {
     let built = std::fs::metadata(&bin)
         .and_then(|m| m.modified())

@@ -19,7 +19,9 @@ use tidings::{RawEnvelope, Store};
 use tidings_tests::pipeline::{
     Counter, CounterView, committed, figures, scale, settle, wait_applied, write,
 };
-use tidings_tests::{OwnBroker, TestDb, brokers, consume_from, prefixed_store, tidings_bin};
+use tidings_tests::{
+    OwnBroker, TestDb, brokers, consume_from, outbox_depth, prefixed_store, published, tidings_bin,
+};
 use tokio::sync::watch;
 
 struct Stopper(watch::Sender<bool>);
@@ -85,7 +87,28 @@ async fn the_relay_killed_repeatedly_while_commands_stream_in() {
     let mut child = spawn();
     let mut kills = 0;
     while !writer.is_finished() || kills < 3 {
-        tokio::time::sleep(Duration::from_millis(200 + fastrand::u64(0..400))).await;
+        // Each kill lands mid-run: this relay published since it started
+        // and rows are still waiting (more are written if none are).
+        let at_spawn = published(&db.pool).await;
+        let started = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..100))).await;
+            if published(&db.pool).await > at_spawn && outbox_depth(&db.pool).await > 0 {
+                break;
+            }
+            if writer.is_finished() && outbox_depth(&db.pool).await == 0 {
+                write(&store, 30, 2, 60, Duration::from_millis(2)).await;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the relay published nothing after it started"
+            );
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the relay exited on its own before the kill: {:?}",
+            child.try_wait()
+        );
         child.kill().unwrap();
         child.wait().unwrap();
         kills += 1;
@@ -93,9 +116,16 @@ async fn the_relay_killed_repeatedly_while_commands_stream_in() {
     }
     writer.await.unwrap();
     let figures = settle(&store, &brokers()).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the last relay exited on its own: {:?}",
+        child.try_wait()
+    );
     child.kill().unwrap();
     child.wait().unwrap();
-    figures.assert_sound(&format!("relay SIGKILLed {kills} times"));
+    figures.assert_sound(&format!(
+        "relay SIGKILLed {kills} times, each while publishing with rows waiting"
+    ));
     stopper.stop();
     projection.await.unwrap().unwrap();
 }
@@ -107,7 +137,9 @@ async fn the_broker_stopped_and_restarted_under_the_whole_pipeline() {
     CounterView::create_table(&db.pool).await;
     let store = prefixed_store(&db);
     let stopper = Stopper::new();
-    let relay_task = tokio::spawn(relay(&db, &broker.address).run(stopper.signal()));
+    let relay = relay(&db, &broker.address);
+    let stats = relay.stats();
+    let relay_task = tokio::spawn(relay.run(stopper.signal()));
     let runner_task = tokio::spawn(runner(&db, &store, &broker.address).run(stopper.signal()));
     let writer = {
         let store = store.clone();
@@ -115,9 +147,26 @@ async fn the_broker_stopped_and_restarted_under_the_whole_pipeline() {
             async move { write(&store, 20, 2, 400 * scale(), Duration::from_millis(5)).await },
         )
     };
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    use std::sync::atomic::Ordering::Relaxed;
+    let started = std::time::Instant::now();
+    while stats.published.load(Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "nothing published"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!writer.is_finished(), "the stop lands mid-run");
     broker.kill();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Away until deliveries failed (past the 3 s delivery timeout).
+    let started = std::time::Instant::now();
+    while stats.failed.load(Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no delivery failed with the broker down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     broker.resume();
     writer.await.unwrap();
     settle(&store, &broker.address)

@@ -643,8 +643,17 @@ async fn two_instances_share_the_partitions_and_a_killed_one_loses_and_repeats_n
         })
     };
     let mut kills = 0;
-    while !writer.is_finished() {
+    while !writer.is_finished() || kills < 3 {
         tokio::time::sleep(Duration::from_millis(700 + fastrand::u64(0..600))).await;
+        // Neither instance died on its own (the survivor would hide it).
+        for (who, child) in [("steady", &mut steady), ("victim", &mut victim)] {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the {who} instance exited on its own: {:?} (logs in {})",
+                child.try_wait(),
+                logs.display()
+            );
+        }
         victim.kill().unwrap(); // SIGKILL, whatever it was doing
         victim.wait().unwrap();
         kills += 1;
@@ -682,6 +691,11 @@ async fn two_instances_share_the_partitions_and_a_killed_one_loses_and_repeats_n
     )
     .await;
     for child in [&mut steady, &mut victim] {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "an instance exited on its own: {:?}",
+            child.try_wait()
+        );
         child.kill().unwrap();
         child.wait().unwrap();
     }

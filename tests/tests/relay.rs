@@ -7,7 +7,9 @@ use tidings::kafka::KafkaConfig;
 use tidings::relay::{Relay, RelayConfig};
 use tidings::{EventContext, Store, StoreConfig};
 use tidings_examples::orders::{Order, OrderCommand};
-use tidings_tests::{TestDb, brokers, check_streams, consume, prefixed_store, tidings_bin};
+use tidings_tests::{
+    TestDb, brokers, check_streams, consume, outbox_depth, prefixed_store, published, tidings_bin,
+};
 use tokio::sync::oneshot;
 
 fn create(id: &str) -> OrderCommand {
@@ -126,7 +128,8 @@ async fn committed_events_arrive_exactly_as_stored_and_rolled_back_ones_never() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_relays_keep_every_aggregate_in_order() {
+async fn three_relays_share_the_lanes_take_over_a_stopped_ones_and_keep_every_aggregate_in_order() {
+    use std::sync::atomic::Ordering::Relaxed;
     let aggregates: u64 = std::env::var("TIDINGS_TEST_AGGREGATES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -138,15 +141,55 @@ async fn three_relays_keep_every_aggregate_in_order() {
     let db = TestDb::new().await;
     let store = prefixed_store(&db);
     let topic = store.topic_of::<Order>();
-    let relays: Vec<_> = (0..3)
-        .map(|_| spawn_relay(&db, relay_config().batch_size(200)))
+    let mut relays: Vec<_> = (0..3)
+        .map(|_| {
+            let relay = Relay::new(db.pool.clone(), relay_config().batch_size(200)).unwrap();
+            let stats = relay.stats();
+            let (stop, stopped) = oneshot::channel::<()>();
+            let handle = tokio::spawn(relay.run(async move {
+                let _ = stopped.await;
+            }));
+            (stop, handle, stats)
+        })
         .collect();
+    let lanes = |relays: &[(_, _, std::sync::Arc<tidings::relay::RelayStats>)]| {
+        relays
+            .iter()
+            .map(|(_, _, s)| s.lanes.load(Relaxed))
+            .collect::<Vec<_>>()
+    };
+    // The lanes are shared: every relay owns some, together all of them.
+    let started = Instant::now();
+    while !(lanes(&relays).iter().all(|l| *l > 0)
+        && lanes(&relays).iter().sum::<u64>() == tidings::store::OUTBOX_LANES as u64)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the lanes were not shared: {:?}",
+            lanes(&relays)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("lanes shared: {:?}", lanes(&relays));
 
     // Write while the relays run: each aggregate gets `per` events, written
-    // in rounds so that all streams grow concurrently.
+    // in rounds so that all streams grow concurrently. Halfway through,
+    // one relay stops; the others take its lanes over.
     let ids: Vec<String> = (0..aggregates).map(|i| format!("ORD-{i:04}")).collect();
     let mut conn = db.pool.acquire().await.unwrap();
+    let mut stopped_one = None;
     for round in 0..per {
+        if round == per / 2 {
+            wait_outbox_empty(&db, Duration::from_secs(120)).await;
+            let (stop, handle, stats) = relays.remove(0);
+            stop.send(()).unwrap();
+            handle.await.unwrap().unwrap();
+            let survivors_before: u64 = relays
+                .iter()
+                .map(|(_, _, s)| s.published.load(Relaxed))
+                .sum();
+            stopped_one = Some((stats.published.load(Relaxed), survivors_before));
+        }
         let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
         for id in &ids {
             let event = if round == 0 {
@@ -171,6 +214,25 @@ async fn three_relays_keep_every_aggregate_in_order() {
     }
     drop(conn);
     wait_outbox_empty(&db, Duration::from_secs(120)).await;
+    let (stopped_published, survivors_before) = stopped_one.expect("a relay stopped");
+    let survivors_after: u64 = relays
+        .iter()
+        .map(|(_, _, s)| s.published.load(Relaxed))
+        .sum();
+    assert!(
+        stopped_published > 0,
+        "the stopped relay had published its share"
+    );
+    assert_eq!(
+        lanes(&relays).iter().sum::<u64>(),
+        tidings::store::OUTBOX_LANES as u64,
+        "the survivors own every lane: {:?}",
+        lanes(&relays)
+    );
+    assert!(
+        survivors_after - survivors_before >= aggregates * (per - per / 2),
+        "the survivors published the second half, the stopped relay's lanes included"
+    );
     let total = (aggregates * per) as usize;
     let received = consume(
         &topic,
@@ -182,10 +244,10 @@ async fn three_relays_keep_every_aggregate_in_order() {
     let expected: BTreeMap<String, u64> = ids.iter().map(|id| (id.clone(), per)).collect();
     let duplicates = check_streams(&received, &expected);
     println!(
-        "3 relays: {total} events, {} received, {duplicates} duplicates",
+        "3 relays: {total} events, {} received, {duplicates} duplicates; the stopped relay published {stopped_published}",
         received.len()
     );
-    for (stop, handle) in relays {
+    for (stop, handle, _) in relays {
         stop.send(()).unwrap();
         handle.await.unwrap().unwrap();
     }
@@ -339,23 +401,44 @@ async fn relay_processes_killed_mid_batch_lose_nothing() {
                         .await
                         .unwrap();
                 }
+                // Long enough a run for several kills to land in it.
+                tokio::time::sleep(Duration::from_millis(25)).await;
             }
         })
     };
     let mut kills = 0;
     let mut child = spawn();
-    while !writer.is_finished() || kills < 4 {
-        tokio::time::sleep(Duration::from_millis(300 + fastrand::u64(0..400))).await;
+    'killing: while !writer.is_finished() {
+        // Each kill lands mid-run: this relay published since it started
+        // and rows are waiting.
+        let at_spawn = published(&db.pool).await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..100))).await;
+            if published(&db.pool).await > at_spawn && outbox_depth(&db.pool).await > 0 {
+                break;
+            }
+            if writer.is_finished() {
+                break 'killing;
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the relay exited on its own: {:?}",
+            child.try_wait()
+        );
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         kills += 1;
         child = spawn();
-        if kills > 40 {
-            break;
-        }
     }
     writer.await.unwrap();
+    assert!(kills >= 4, "only {kills} kills landed mid-run");
     wait_outbox_empty(&db, Duration::from_secs(60)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the last relay exited on its own: {:?}",
+        child.try_wait()
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -419,10 +502,28 @@ async fn a_broker_stopped_and_restarted_mid_run_loses_nothing() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    use std::sync::atomic::Ordering::Relaxed;
+    // Mid-run: some rows published, the writer still going.
+    let started = Instant::now();
+    while stats.published.load(Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "nothing published"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     broker.kill();
-    let published_before = stats.published.load(std::sync::atomic::Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(4)).await; // deliveries time out meanwhile
+    let published_before = stats.published.load(Relaxed);
+    // The broker stays away until deliveries failed (past the 3 s delivery
+    // timeout): the failed-row path runs for sure, not by chance.
+    let started = Instant::now();
+    while stats.failed.load(Relaxed) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no delivery failed with the broker down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     broker.resume();
     writer.await.unwrap();
     wait_outbox_empty(&db, Duration::from_secs(90)).await;
@@ -442,7 +543,7 @@ async fn a_broker_stopped_and_restarted_mid_run_loses_nothing() {
         .map(|i| (format!("ORD-{i:02}"), per))
         .collect();
     let duplicates = check_streams(&received, &expected);
-    let failed = stats.failed.load(std::sync::atomic::Ordering::Relaxed);
+    let failed = stats.failed.load(Relaxed);
     println!(
         "broker restart: {total} events, {published_before} published before the stop, {failed} deliveries failed and retried, none lost, {duplicates} duplicates"
     );
@@ -450,6 +551,7 @@ async fn a_broker_stopped_and_restarted_mid_run_loses_nothing() {
         published_before > 0 && published_before < total as u64,
         "the stop happened mid-run"
     );
+    assert!(failed > 0, "deliveries failed and were retried");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
