@@ -48,7 +48,10 @@ async fn main() -> Result<(), BoxError> {
     summary.create_table(&pool).await?;
     pool.execute("CREATE TABLE shop_orders (order_id TEXT PRIMARY KEY, note TEXT NOT NULL)")
         .await?;
-    println!("1. database tidings_quickstart migrated; broker {brokers}");
+    println!(
+        "1. database {} migrated; broker {brokers}",
+        tidings_examples::demo::database_name("tidings_quickstart")
+    );
 
     // Fresh topics on every run: a unique prefix.
     let prefix = unique_prefix("quickstart");

@@ -15,9 +15,20 @@ use tokio::sync::oneshot;
 /// Errors of the examples.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Drops and recreates database `name` on the server of `DATABASE_URL`
-/// (default `postgres://postgres@127.0.0.1:5432/postgres`) and migrates it.
+/// The database an example uses: `TIDINGS_EXAMPLE_DATABASE` when set (runs
+/// side by side need their own), else `name`.
+pub fn database_name(name: &str) -> String {
+    std::env::var("TIDINGS_EXAMPLE_DATABASE").unwrap_or_else(|_| name.to_owned())
+}
+
+/// Drops and recreates database [`database_name`]`(name)` on the server of
+/// `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) and
+/// migrates it.
 pub async fn fresh_database(name: &str) -> Result<PgPool, BoxError> {
+    let name = database_name(name);
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("database name `{name}`: use letters, digits and `_`").into());
+    }
     let server: PgConnectOptions = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
         .parse()?;
@@ -28,7 +39,7 @@ pub async fn fresh_database(name: &str) -> Result<PgPool, BoxError> {
     admin
         .execute(format!("CREATE DATABASE {name}").as_str())
         .await?;
-    let pool = PgPool::connect_with(server.database(name)).await?;
+    let pool = PgPool::connect_with(server.database(&name)).await?;
     tidings::MIGRATOR.run(&pool).await?;
     Ok(pool)
 }

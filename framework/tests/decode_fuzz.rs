@@ -70,7 +70,15 @@ proptest! {
     ) {
         match OrderEvent::decode(&event_type, version, payload) {
             Ok(event) => prop_assert!(OrderEvent::TYPES.iter().any(|t| t.name == event.event_type())),
-            Err(error) => prop_assert!(!error.to_string().is_empty()),
+            // A typed error that names the event type and a version (the
+            // received one, or the step of the upcaster chain that failed).
+            Err(error) => {
+                let message = error.to_string();
+                prop_assert!(
+                    message.contains(&format!("`{event_type}`")) && message.contains("version"),
+                    "{}", message
+                );
+            }
         }
     }
 

@@ -33,6 +33,40 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// A database name for a process the test spawns (an example, the
+/// benchmark), dropped with this value: runs side by side never share one.
+#[derive(Debug)]
+pub struct SpawnedDb(pub String);
+
+impl SpawnedDb {
+    /// A fresh, unique name (the process creates the database).
+    pub fn new(prefix: &str) -> Self {
+        SpawnedDb(unique(prefix))
+    }
+}
+
+impl Drop for SpawnedDb {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        // A thread of its own: a test's runtime may be the caller.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                let options: PgConnectOptions = database_url().parse().expect("DATABASE_URL");
+                if let Ok(mut admin) = options.connect().await {
+                    let _ = admin
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 /// A database created for one test, migrated, and dropped when the value is dropped.
 #[derive(Debug)]
 pub struct TestDb {

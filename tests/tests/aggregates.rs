@@ -170,3 +170,57 @@ mod auctions {
             .then_error(AuctionError::NotOpen);
     }
 }
+
+// The harness itself: each check fails when what it checks does not hold
+// (a harness that stopped comparing would leave every test above green).
+
+fn create(amount: f64) -> OrderCommand {
+    OrderCommand::Create {
+        order_id: "ORD-1".into(),
+        user_id: "USR-1".into(),
+        amount,
+        currency: "EUR".into(),
+    }
+}
+
+#[test]
+#[should_panic(expected = "the command produced other events than expected")]
+fn then_fails_on_other_events() {
+    given::<Order>([]).when(create(12.5)).then([created(99.0)]);
+}
+
+#[test]
+#[should_panic(expected = "the command produced other events than expected")]
+fn then_fails_on_fewer_events() {
+    given::<Order>([]).when(create(12.5)).then([]);
+}
+
+#[test]
+#[should_panic(expected = "the command was refused")]
+fn then_fails_on_a_refusal() {
+    given::<Order>([created(1.0)])
+        .when(create(12.5))
+        .then([created(12.5)]);
+}
+
+#[test]
+#[should_panic(expected = "the command was refused with another error")]
+fn then_error_fails_on_another_error() {
+    given::<Order>([])
+        .when(create(-1.0))
+        .then_error(OrderError::AlreadyExists);
+}
+
+#[test]
+#[should_panic(expected = "the command produced")]
+fn then_error_fails_on_success() {
+    given::<Order>([])
+        .when(create(1.0))
+        .then_error(OrderError::AlreadyExists);
+}
+
+#[test]
+#[should_panic(expected = "expected an error, the command produced")]
+fn error_fails_on_success() {
+    given::<Order>([]).when(create(1.0)).error();
+}

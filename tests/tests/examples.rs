@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-use tidings_tests::{TestDb, brokers, database_url, example_bin, tidings_bin, unique};
+use tidings_tests::{SpawnedDb, TestDb, brokers, database_url, example_bin, tidings_bin, unique};
 
 fn text(output: &Output) -> String {
     format!(
@@ -15,15 +15,18 @@ fn text(output: &Output) -> String {
 
 #[test]
 fn the_quick_start_runs_end_to_end_and_its_replay_is_identical() {
+    let db = SpawnedDb::new("quickstart");
     let output = Command::new(example_bin("quickstart"))
+        .env("TIDINGS_EXAMPLE_DATABASE", &db.0)
         .env("DATABASE_URL", database_url())
         .env("KAFKA_BROKERS", brokers())
         .output()
         .expect("running the quick start");
     let all = text(&output);
     assert!(output.status.success(), "{all}");
+    let migrated = format!("1. database {} migrated", db.0);
     for step in [
-        "1. database tidings_quickstart migrated",
+        migrated.as_str(),
         "4. order_summary read model:",
         "read model reset (0 rows left)",
         "identical to the original: true",
@@ -43,7 +46,9 @@ fn the_quick_start_runs_end_to_end_and_its_replay_is_identical() {
 }
 
 fn run_example(name: &str) -> String {
+    let db = SpawnedDb::new(name);
     let output = Command::new(example_bin(name))
+        .env("TIDINGS_EXAMPLE_DATABASE", &db.0)
         .env("DATABASE_URL", database_url())
         .env("KAFKA_BROKERS", brokers())
         .output()
@@ -190,7 +195,9 @@ async fn commands_work_against_the_real_services_with_reliable_exit_codes() {
 #[test]
 fn the_benchmark_program_runs_at_a_tiny_size() {
     let json = std::env::temp_dir().join(format!("{}.json", unique("bench")));
+    let db = SpawnedDb::new("bench");
     let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .env("TIDINGS_BENCH_DATABASE", &db.0)
         .args([
             "all",
             "--commands",

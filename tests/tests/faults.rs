@@ -438,8 +438,13 @@ async fn bad_input_at_the_edges_gets_clear_errors() {
         Named("ok"),
         RunnerConfig::new(KafkaConfig::new(" ")),
     )
-    .map(|_| ());
-    assert!(error.is_ok(), "brokers are checked when connecting");
+    .unwrap_err();
+    assert!(
+        matches!(error, tidings::Error::Config(_)) && error.to_string().contains("KAFKA_BROKERS"),
+        "a blank broker list is refused naming the setting: {error}"
+    );
+    let error = Relay::new(db.pool.clone(), RelayConfig::new(KafkaConfig::new(" "))).unwrap_err();
+    assert!(error.to_string().contains("KAFKA_BROKERS"), "{error}");
     let unmigrated = TestDb::empty().await;
     let error = tidings::store::outbox_status(&unmigrated.pool)
         .await

@@ -775,18 +775,55 @@ async fn a_zero_downtime_rebuild_serves_the_old_version_until_the_new_one_caught
         .max_lag(0)
         .timeout(Duration::from_secs(60)),
     );
-    let (status, during) = tokio::join!(switched, async {
-        let mut seen = Vec::new();
-        for _ in 0..5 {
-            seen.push(served().await);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    // Readers sample the view for the whole wait: which version it shows
+    // (its definition and its rows, read in one snapshot) and how many rows.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let sample = || async {
+        let mut tx = db.pool.begin().await.unwrap();
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let (definition, rows, events): (String, i64, i64) = sqlx::query_as(
+            "SELECT pg_get_viewdef('order_summary'), count(*), coalesce(sum(events_applied), 0)::bigint \
+             FROM order_summary",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        (definition.contains("order_summary_v2"), rows, events)
+    };
+    let (status, during) = tokio::join!(
+        async {
+            let status = switched.await;
+            done.store(true, Ordering::Relaxed);
+            status
+        },
+        async {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                seen.push(sample().await);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
         }
-        seen
-    });
+    );
     assert_eq!(status.unwrap().status.lag(), 0);
+    let complete = |(_, rows, events): &(bool, i64, i64)| *rows == 30 && *events == 30;
+    let old_samples = during.iter().filter(|s| !s.0).count();
     assert!(
-        during.iter().all(|n| *n == 30),
-        "the old version served complete rows meanwhile: {during:?}"
+        old_samples >= 10,
+        "the wait was watched: {old_samples} samples of the old version"
+    );
+    assert!(
+        during.iter().all(complete),
+        "whichever version readers saw, it was complete: {during:?}"
+    );
+    // Once on v2, never back on v1.
+    let first_new = during.iter().position(|s| s.0).unwrap_or(during.len());
+    assert!(
+        during[first_new..].iter().all(|s| s.0),
+        "readers went back to the old version: {during:?}"
     );
     let definition: String = sqlx::query_scalar("SELECT pg_get_viewdef('order_summary')")
         .fetch_one(&db.pool)

@@ -292,6 +292,9 @@ impl<P: Projection> Runner<P> {
         for topic in projection.topics() {
             crate::names::validate_topic_name(&format!("{}{topic}", config.topic_prefix))?;
         }
+        // No broker configured is a usage error now, not a runner that
+        // retries connecting to nothing.
+        config.kafka.client_config()?;
         Ok(Runner {
             pool,
             projection: Arc::new(projection),

@@ -107,16 +107,25 @@ impl Figure {
     }
 }
 
+/// The benchmark's database: `TIDINGS_BENCH_DATABASE` when set (runs side
+/// by side need their own), else `tidings_bench`.
+fn bench_database() -> String {
+    std::env::var("TIDINGS_BENCH_DATABASE").unwrap_or_else(|_| "tidings_bench".into())
+}
+
 async fn fresh_pool() -> Result<PgPool, BoxError> {
     let server: PgConnectOptions = database_url().parse()?;
     let mut admin = server.connect().await?;
+    let name = bench_database();
     admin
-        .execute("DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)")
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
         .await?;
-    admin.execute("CREATE DATABASE tidings_bench").await?;
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await?;
     let pool = PgPoolOptions::new()
         .max_connections(40)
-        .connect_with(server.database("tidings_bench"))
+        .connect_with(server.database(&name))
         .await?;
     tidings::MIGRATOR.run(&pool).await?;
     Ok(pool)
@@ -126,9 +135,9 @@ fn db_url() -> String {
     let base = database_url();
     match base.rfind('/') {
         Some(i) if base[..i].contains("://") && base[..i].matches('/').count() >= 2 => {
-            format!("{}/tidings_bench", &base[..i])
+            format!("{}/{}", &base[..i], bench_database())
         }
-        _ => format!("{base}/tidings_bench"),
+        _ => format!("{base}/{}", bench_database()),
     }
 }
 
@@ -665,7 +674,7 @@ async fn main() -> Result<(), BoxError> {
     let server: PgConnectOptions = database_url().parse()?;
     let mut admin = server.connect().await?;
     admin
-        .execute("DROP DATABASE IF EXISTS tidings_bench WITH (FORCE)")
+        .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", bench_database()).as_str())
         .await?;
     Ok(())
 }
