@@ -33,21 +33,74 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// The per-test time limit: a test still holding its database after
+/// `TIDINGS_TEST_TIMEOUT_SECS` (default 300 s, times `TIDINGS_FAULT_SCALE`)
+/// hangs; the watchdog names it and aborts the test binary, so that a hang
+/// fails the run in minutes instead of stalling it.
+#[derive(Debug)]
+pub struct Watchdog(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Watchdog {
+    /// Starts watching the calling test (by its thread's name).
+    pub fn start() -> Self {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let test = std::thread::current().name().unwrap_or("a test").to_owned();
+        let limit = Duration::from_secs(
+            std::env::var("TIDINGS_TEST_TIMEOUT_SECS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(300)
+                * pipeline::scale() as u64,
+        );
+        let watched = std::sync::Arc::clone(&done);
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            while !watched.load(std::sync::atomic::Ordering::Relaxed) {
+                if started.elapsed() > limit {
+                    // Not eprintln!: the test's output capture would keep it.
+                    use std::io::Write as _;
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "TIMEOUT: {test} ran past {limit:?}; aborting the test binary"
+                    );
+                    std::process::abort();
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Watchdog(done)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A database name for a process the test spawns (an example, the
 /// benchmark), dropped with this value: runs side by side never share one.
+/// Watches the test's time like [`TestDb`].
 #[derive(Debug)]
-pub struct SpawnedDb(pub String);
+pub struct SpawnedDb {
+    /// The database's name.
+    pub name: String,
+    _watchdog: Watchdog,
+}
 
 impl SpawnedDb {
     /// A fresh, unique name (the process creates the database).
     pub fn new(prefix: &str) -> Self {
-        SpawnedDb(unique(prefix))
+        SpawnedDb {
+            name: unique(prefix),
+            _watchdog: Watchdog::start(),
+        }
     }
 }
 
 impl Drop for SpawnedDb {
     fn drop(&mut self) {
-        let name = self.0.clone();
+        let name = self.name.clone();
         // A thread of its own: a test's runtime may be the caller.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -67,7 +120,8 @@ impl Drop for SpawnedDb {
     }
 }
 
-/// A database created for one test, migrated, and dropped when the value is dropped.
+/// A database created for one test, migrated, and dropped when the value
+/// is dropped; the test's time is watched meanwhile ([`Watchdog`]).
 #[derive(Debug)]
 pub struct TestDb {
     /// A pool connected to the test database.
@@ -75,6 +129,7 @@ pub struct TestDb {
     /// The database's name.
     pub name: String,
     options: PgConnectOptions,
+    _watchdog: Watchdog,
 }
 
 impl TestDb {
@@ -90,6 +145,7 @@ impl TestDb {
 
     /// Creates a fresh database without running any migration.
     pub async fn empty() -> TestDb {
+        let watchdog = Watchdog::start();
         let server: PgConnectOptions = database_url().parse().expect("DATABASE_URL is a valid URL");
         let name = unique("tidings_test");
         let mut admin = server
@@ -112,6 +168,7 @@ impl TestDb {
             pool,
             name,
             options: server.database("postgres"),
+            _watchdog: watchdog,
         }
     }
 

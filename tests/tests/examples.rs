@@ -17,14 +17,14 @@ fn text(output: &Output) -> String {
 fn the_quick_start_runs_end_to_end_and_its_replay_is_identical() {
     let db = SpawnedDb::new("quickstart");
     let output = Command::new(example_bin("quickstart"))
-        .env("TIDINGS_EXAMPLE_DATABASE", &db.0)
+        .env("TIDINGS_EXAMPLE_DATABASE", &db.name)
         .env("DATABASE_URL", database_url())
         .env("KAFKA_BROKERS", brokers())
         .output()
         .expect("running the quick start");
     let all = text(&output);
     assert!(output.status.success(), "{all}");
-    let migrated = format!("1. database {} migrated", db.0);
+    let migrated = format!("1. database {} migrated", db.name);
     for step in [
         migrated.as_str(),
         "4. order_summary read model:",
@@ -48,7 +48,7 @@ fn the_quick_start_runs_end_to_end_and_its_replay_is_identical() {
 fn run_example(name: &str) -> String {
     let db = SpawnedDb::new(name);
     let output = Command::new(example_bin(name))
-        .env("TIDINGS_EXAMPLE_DATABASE", &db.0)
+        .env("TIDINGS_EXAMPLE_DATABASE", &db.name)
         .env("DATABASE_URL", database_url())
         .env("KAFKA_BROKERS", brokers())
         .output()
@@ -197,7 +197,7 @@ fn the_benchmark_program_runs_at_a_tiny_size() {
     let json = std::env::temp_dir().join(format!("{}.json", unique("bench")));
     let db = SpawnedDb::new("bench");
     let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .env("TIDINGS_BENCH_DATABASE", &db.0)
+        .env("TIDINGS_BENCH_DATABASE", &db.name)
         .args([
             "all",
             "--commands",
