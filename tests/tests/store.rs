@@ -883,3 +883,251 @@ async fn empty_and_oversized_aggregate_ids_are_refused_at_append() {
         .unwrap();
     assert_eq!(rows, 1, "only the valid id was written");
 }
+
+/// A counter whose command can take its time between load and append (the
+/// window in which another writer commits), or yield no event at all.
+#[derive(Debug, Clone, PartialEq, Event)]
+enum TallyEvent {
+    Counted { by: u32 },
+}
+
+/// How many commands started thinking (to time another writer into the
+/// window).
+static THINKING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Tally {
+    count: u64,
+}
+
+#[derive(Debug, Clone)]
+enum TallyCommand {
+    Count { by: u32, think: Duration },
+    Nothing,
+}
+
+impl Aggregate for Tally {
+    const TYPE: &'static str = "tally";
+    type Event = TallyEvent;
+    type Command = TallyCommand;
+    type Error = Never;
+
+    fn handle(&self, command: TallyCommand) -> Result<Vec<TallyEvent>, Never> {
+        match command {
+            TallyCommand::Count { by, think } => {
+                if !think.is_zero() {
+                    THINKING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                std::thread::sleep(think);
+                Ok(vec![TallyEvent::Counted { by }])
+            }
+            TallyCommand::Nothing => Ok(vec![]),
+        }
+    }
+
+    fn apply(&mut self, _: &TallyEvent) {
+        self.count += 1;
+    }
+}
+
+async fn count_rows(db: &TestDb, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_beyond_the_retry_budget_are_returned_as_conflicts() {
+    let db = TestDb::new().await;
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig::default().max_conflict_retries(0),
+    );
+    let tasks: Vec<_> = (0..8u32)
+        .map(|by| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .execute::<Tally>(
+                        "T-1",
+                        TallyCommand::Count {
+                            by,
+                            think: Duration::from_millis(30),
+                        },
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let (mut ok, mut conflicts) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(committed) => {
+                assert_eq!(committed.retries, 0);
+                ok += 1;
+            }
+            Err(ExecuteError::Store(Error::Conflict { aggregate_id, .. })) => {
+                assert_eq!(aggregate_id, "T-1");
+                conflicts += 1;
+            }
+            Err(other) => panic!("expected a conflict, got {other}"),
+        }
+    }
+    assert!(conflicts > 0, "8 writers with no retry: some must conflict");
+    assert_eq!(ok + conflicts, 8);
+    assert_eq!(count_rows(&db, "tidings_events").await, ok);
+    assert_eq!(count_rows(&db, "tidings_outbox").await, ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_inside_execute_in_is_retried_in_a_savepoint_keeping_earlier_writes() {
+    let db = TestDb::new().await;
+    sqlx::query("CREATE TABLE audit (note TEXT NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let store = Store::new(db.pool.clone());
+    store
+        .execute::<Tally>("T-1", TallyCommand::Nothing)
+        .await
+        .unwrap();
+    let thinking_before = THINKING.load(std::sync::atomic::Ordering::SeqCst);
+    // The slow writer runs on a runtime of its own: its command thinks
+    // synchronously, which must not hold up this runtime's tasks.
+    let slow = {
+        let options = db.connect_options();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    let pool = sqlx::PgPool::connect_with(options).await.unwrap();
+                    let store = Store::new(pool.clone());
+                    let mut tx = pool.begin().await.unwrap();
+                    sqlx::query("INSERT INTO audit VALUES ('before the command')")
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    let committed = store
+                        .execute_in::<Tally>(
+                            &mut tx,
+                            "T-1",
+                            TallyCommand::Count {
+                                by: 1,
+                                think: Duration::from_millis(300),
+                            },
+                            &EventContext::new(),
+                        )
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                    committed
+                })
+        })
+    };
+    // Another writer commits while the first one thinks (after its load).
+    let started = std::time::Instant::now();
+    while THINKING.load(std::sync::atomic::Ordering::SeqCst) == thinking_before {
+        assert!(started.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    store
+        .execute::<Tally>(
+            "T-1",
+            TallyCommand::Count {
+                by: 2,
+                think: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap();
+    let committed = tokio::task::spawn_blocking(move || slow.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        committed.retries >= 1,
+        "the first writer conflicted and retried: sequence {}, retries {}",
+        committed.sequence,
+        committed.retries
+    );
+    assert_eq!(
+        committed.sequence, 2,
+        "appended after the other writer's event"
+    );
+    assert_eq!(
+        count_rows(&db, "audit").await,
+        1,
+        "the earlier write was kept"
+    );
+    assert_eq!(count_rows(&db, "tidings_events").await, 2);
+}
+
+#[tokio::test]
+async fn a_cache_capacity_of_zero_loads_every_command_from_the_database() {
+    let db = TestDb::new().await;
+    // Rewrites the stored event's payload behind the stores' backs (same
+    // sequence and id: a cached state cannot tell).
+    let tamper = async || {
+        sqlx::query("UPDATE tidings_events SET payload = '{\"amount\": 100, \"by\": 1}'")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    };
+    let cached = Store::new(db.pool.clone());
+    cached.execute::<Ledger>("L-1", (5, 1)).await.unwrap();
+    tamper().await;
+    let after = cached.execute::<Ledger>("L-2", (1, 1)).await.unwrap();
+    assert_eq!(after.state.balance, 1);
+    let again = cached.execute::<Ledger>("L-1", (1, 1)).await.unwrap();
+    assert_eq!(
+        again.state.balance, 6,
+        "the default cache served L-1's state"
+    );
+
+    let db = TestDb::new().await;
+    let uncached = Store::with_config(db.pool.clone(), StoreConfig::default().cache_capacity(0));
+    uncached.execute::<Ledger>("L-1", (5, 1)).await.unwrap();
+    sqlx::query("UPDATE tidings_events SET payload = '{\"amount\": 100, \"by\": 1}'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let again = uncached.execute::<Ledger>("L-1", (1, 1)).await.unwrap();
+    assert_eq!(
+        again.state.balance, 101,
+        "no cache: the state comes from the database"
+    );
+}
+
+#[tokio::test]
+async fn a_command_that_yields_no_event_commits_nothing_and_returns_the_current_sequence() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    for by in 0..3 {
+        store
+            .execute::<Tally>(
+                "T-1",
+                TallyCommand::Count {
+                    by,
+                    think: Duration::ZERO,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let nothing = store
+        .execute::<Tally>("T-1", TallyCommand::Nothing)
+        .await
+        .unwrap();
+    assert_eq!((nothing.sequence, nothing.envelopes.len()), (3, 0));
+    assert_eq!(nothing.state.count, 3);
+    assert_eq!(count_rows(&db, "tidings_events").await, 3);
+    assert_eq!(count_rows(&db, "tidings_outbox").await, 3);
+    let fresh = store
+        .execute::<Tally>("T-NEW", TallyCommand::Nothing)
+        .await
+        .unwrap();
+    assert_eq!(fresh.sequence, 0, "a stream that does not exist stays at 0");
+    assert_eq!(count_rows(&db, "tidings_events").await, 3);
+}
