@@ -124,9 +124,9 @@ async fn execute(
             println!("order {id}: sequence {}", committed.sequence);
             Ok(())
         }
-        Err(ExecuteError::Rejected(why)) => {
-            Err(Error::Config(format!("order {id}: refused: {why}")))
-        }
+        // The order said no: a failure of the command (exit code 1), not
+        // invalid usage (2).
+        Err(ExecuteError::Rejected(why)) => Err(Error::Refused(format!("order {id}: {why}"))),
         Err(ExecuteError::Store(e)) => Err(e),
     }
 }

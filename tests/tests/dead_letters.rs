@@ -264,3 +264,86 @@ async fn a_redrive_catches_a_panic_and_keeps_the_event_parked_with_why() {
         "{parked:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_gap_is_dead_lettered_and_its_stream_parked() {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
+    produce(&producer, &topic, "g-1", &v1("g-1", 1, "1")).await;
+    produce(&producer, &topic, "g-1", &v1("g-1", 3, "3")).await; // 2 is missing
+    produce(&producer, &topic, "g-1", &v1("g-1", 4, "4")).await;
+    produce(&producer, &topic, "g-2", &v1("g-2", 1, "1")).await;
+    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
+    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    wait_until("g-2 applies", Duration::from_secs(30), async || {
+        events_of(&db, "g-2").await == 1
+    })
+    .await;
+    wait_until("the gap is parked", Duration::from_secs(30), async || {
+        list_parked(&db.pool, Some("gauge_view"))
+            .await
+            .unwrap()
+            .len()
+            == 2
+    })
+    .await;
+    let parked = list_parked(&db.pool, Some("gauge_view")).await.unwrap();
+    assert!(
+        parked[0].dead_letter
+            && parked[0].sequence == Some(3)
+            && parked[0].reason.contains("sequence gap: expected 2"),
+        "{parked:#?}"
+    );
+    assert!(!parked[1].dead_letter && parked[1].sequence == Some(4));
+    assert_eq!(
+        events_of(&db, "g-1").await,
+        1,
+        "nothing after the gap applied"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_to_copy_travels_without_its_value_and_says_so() {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
+    // 950 kB: under the runner's 1 MiB limit (it is read and refused), over
+    // the 900 kB a copy carries.
+    let value = poison("g-1", 1, 950_000);
+    producer
+        .send(
+            FutureRecord::to(&topic).key("g-1").payload(&value),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
+    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    let dlq = format!("{prefix}gauge_view.dlq");
+    let copies = consume(&dlq, 1, Duration::from_millis(500), Duration::from_secs(60)).await;
+    assert_eq!(copies.len(), 1);
+    assert!(copies[0].value.is_empty(), "the value was not copied");
+    assert!(
+        copies[0]
+            .headers
+            .iter()
+            .any(|(k, v)| k == "tidings.dlq.value_omitted" && v.contains("tidings_parked")),
+        "{:?}",
+        copies[0].headers
+    );
+    let kept: Option<i32> = sqlx::query_scalar("SELECT length(value) FROM tidings_parked")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept,
+        Some(value.len() as i32),
+        "the value is kept in PostgreSQL"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

@@ -138,8 +138,8 @@ async fn commands_work_against_the_real_services_with_reliable_exit_codes() {
     let out = orders(&["pay", "ORD-9", "PAY-9", "3"]);
     assert_eq!(
         out.status.code(),
-        Some(2),
-        "a refused command: {}",
+        Some(1),
+        "a refused command fails (1); 2 is for invalid usage: {}",
         text(&out)
     );
     assert!(
@@ -269,4 +269,98 @@ fn schema_commands_export_and_check_against_the_lock() {
         text(&out)
     );
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// Sends SIGTERM and waits for the process to exit on its own.
+fn terminate(
+    child: &mut std::process::Child,
+    within: std::time::Duration,
+) -> std::process::ExitStatus {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < within,
+            "still running {within:?} after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_and_a_runner_stop_cleanly_on_sigterm() {
+    use tidings_examples::orders::{Order, OrderCommand};
+    use tidings_examples::summary::OrderSummary;
+    let db = TestDb::new().await;
+    OrderSummary::default()
+        .create_table(&db.pool)
+        .await
+        .unwrap();
+    let (store, prefix) = tidings_tests::store_with_prefix(&db);
+    for i in 0..20 {
+        let id = format!("ORD-{i}");
+        let create = OrderCommand::Create {
+            order_id: id.clone(),
+            user_id: "U".into(),
+            amount: 1.0,
+            currency: "EUR".into(),
+        };
+        store.execute::<Order>(&id, create).await.unwrap();
+    }
+    let spawn = |bin: std::path::PathBuf, args: &[&str]| {
+        Command::new(bin)
+            .args(args)
+            .env("DATABASE_URL", db.url())
+            .env("KAFKA_BROKERS", brokers())
+            .env("TIDINGS_TOPIC_PREFIX", &prefix)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(tidings_tests::Spawned::from)
+            .unwrap()
+    };
+    let mut relay = spawn(tidings_bin(), &["relay"]);
+    let mut runner = spawn(example_bin("orders"), &["summary", "run"]);
+    let applied = async || {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM order_summary")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    let started = std::time::Instant::now();
+    while applied().await < 20 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "not applied"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let within = std::time::Duration::from_secs(15);
+    let (relay_status, runner_status) = tokio::task::spawn_blocking(move || {
+        (
+            terminate(&mut relay, within),
+            terminate(&mut runner, within),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        relay_status.success(),
+        "the relay exited with {relay_status}"
+    );
+    assert!(
+        runner_status.success(),
+        "the runner exited with {runner_status}"
+    );
+    assert_eq!(
+        tidings::store::outbox_status(&db.pool).await.unwrap().depth,
+        0
+    );
 }

@@ -365,3 +365,45 @@ async fn a_switch_is_refused_while_the_new_version_has_dead_letters_unless_allow
         task.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_that_never_catches_up_fails_after_its_timeout_switching_nothing() {
+    let db = TestDb::new().await;
+    create_versions(&db).await;
+    let store = prefixed_store(&db);
+    for i in 0..10 {
+        store
+            .execute::<Counter>(&format!("C-{i}"), 1)
+            .await
+            .unwrap();
+    }
+    let (relay_stop, relay) = spawn_relay(&db);
+    let topic = store.topic_of::<Counter>();
+    tidings_tests::wait_for_topic(&brokers(), &topic, Duration::from_secs(30)).await;
+    // No runner of v2 ever runs: its lag stays at 10.
+    let started = Instant::now();
+    let result = switch_when_caught_up(
+        &db.pool,
+        &KafkaConfig::new(brokers()),
+        Switch::new(
+            "counts_v2",
+            "DROP VIEW counts; CREATE VIEW counts AS SELECT * FROM counts_v2",
+        )
+        .topics(std::slice::from_ref(&topic))
+        .max_lag(0)
+        .timeout(Duration::from_secs(2)),
+    )
+    .await;
+    let took = started.elapsed();
+    match result {
+        Err(Error::Refused(why)) => assert!(why.contains("did not stay caught up"), "{why}"),
+        other => panic!("expected a refusal after the timeout, got {other:?}"),
+    }
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    assert!(view_of(&db).await.contains("counts_v1"), "nothing switched");
+    relay_stop.send(()).unwrap();
+    relay.await.unwrap().unwrap();
+}

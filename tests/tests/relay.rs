@@ -614,3 +614,45 @@ async fn rows_written_before_the_header_columns_keep_their_headers() {
     stop.send(()).unwrap();
     relay.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_the_relay_creates_keep_their_whole_history() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let db = TestDb::new().await;
+    let store = prefixed_store(&db);
+    let topic = store.topic_of::<Order>();
+    store
+        .execute::<Order>("ORD-1", create("ORD-1"))
+        .await
+        .unwrap();
+    let (stop, relay) = spawn_relay(&db, relay_config());
+    wait_outbox_empty(&db, Duration::from_secs(30)).await;
+    stop.send(()).unwrap();
+    relay.await.unwrap().unwrap();
+    let admin: AdminClient<DefaultClientContext> = tidings_tests::kafka_config().create().unwrap();
+    let described = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(&topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    let resource = described
+        .into_iter()
+        .next()
+        .unwrap()
+        .expect("the topic's configs");
+    let value = |name: &str| {
+        resource
+            .get(name)
+            .and_then(|entry| entry.value.clone())
+            .unwrap_or_else(|| panic!("{name} missing in {:?}", resource.entries))
+    };
+    assert_eq!(
+        value("retention.ms"),
+        "-1",
+        "replays need the whole history"
+    );
+    assert_eq!(value("retention.bytes"), "-1");
+}
