@@ -1,0 +1,7 @@
+#[derive(tidings::Event)]
+enum OrderEvent {
+    #[event(name = "")]
+    OrderCreated { order_id: String },
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[derive(tidings::Event)]
+union OrderEvent {
+    created: u32,
+}
+
+fn main() {}

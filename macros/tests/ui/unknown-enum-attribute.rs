@@ -1,0 +1,7 @@
+#[derive(tidings::Event)]
+#[event(topik = "orders")]
+enum OrderEvent {
+    OrderCreated { order_id: String },
+}
+
+fn main() {}

@@ -1,0 +1,7 @@
+#[derive(tidings::Event)]
+enum OrderEvent {
+    #[event(version = 99999999999)]
+    OrderCreated { order_id: String },
+}
+
+fn main() {}
