@@ -347,3 +347,106 @@ async fn a_dead_letter_too_large_to_copy_travels_without_its_value_and_says_so()
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
+
+/// The gauges, failing transiently on gauge `g-1` until `healed`.
+struct Flaky(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+#[async_trait::async_trait]
+impl tidings::projection::Projection for Flaky {
+    type Event = tidings_tests::gauges::GaugeEvent;
+
+    fn name(&self) -> &str {
+        "gauge_view"
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        envelope: &tidings::Envelope<Self::Event>,
+    ) -> Result<(), tidings::projection::ApplyError> {
+        if envelope.aggregate_id == "g-1" && !self.0.load(Relaxed) {
+            return Err(tidings::projection::ApplyError::Transient(
+                "the lock timed out".into(),
+            ));
+        }
+        GaugeView.apply(conn, envelope).await
+    }
+
+    async fn reset(
+        &self,
+        conn: &mut sqlx::PgConnection,
+    ) -> Result<(), tidings::projection::ApplyError> {
+        GaugeView.reset(conn).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_error_retries_its_partition_alone_and_applies_once_healed() {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let prefix = format!("{}.", tidings_tests::unique("t"));
+    let topic = format!("{prefix}gauges");
+    create_topic_named(&topic, 2).await;
+    let producer: rdkafka::producer::FutureProducer =
+        tidings_tests::kafka_config().create().unwrap();
+    let send = async |partition: i32, id: &str, sequence: u64| {
+        let value = v1(id, sequence, "1");
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .partition(partition)
+                    .key(id)
+                    .payload(&value),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    };
+    send(0, "g-1", 1).await;
+    for sequence in 1..=5 {
+        send(1, "g-2", sequence).await;
+    }
+    let healed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let config = RunnerConfig::new(KafkaConfig::new(brokers()))
+        .topic_prefix(&prefix)
+        .max_backoff(Duration::from_millis(300));
+    let runner = Runner::new(db.pool.clone(), Flaky(healed.clone()), config).unwrap();
+    let stats = runner.stats();
+    let (stop, task) = spawn_runner(runner);
+    wait_until(
+        "the other partition goes on",
+        Duration::from_secs(30),
+        async || events_of(&db, "g-2").await == 5 && stats.retries.load(Relaxed) >= 2,
+    )
+    .await;
+    assert_eq!(events_of(&db, "g-1").await, 0, "rolled back each time");
+    for sequence in 6..=8 {
+        send(1, "g-2", sequence).await;
+    }
+    wait_until("still going on", Duration::from_secs(30), async || {
+        events_of(&db, "g-2").await == 8
+    })
+    .await;
+    healed.store(true, Relaxed);
+    wait_until(
+        "g-1 applies once healed",
+        Duration::from_secs(30),
+        async || events_of(&db, "g-1").await == 1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        events_of(&db, "g-1").await,
+        1,
+        "applied once, whatever the retries"
+    );
+    assert!(
+        list_parked(&db.pool, Some("gauge_view"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
