@@ -359,10 +359,14 @@ impl Relay {
                         .purge(PurgeConfig::default().queue().inflight());
                     continue;
                 }
-                Step::Read => tracing::Instrument::instrument(
-                    self.read_and_enqueue(),
-                    tracing::debug_span!("tidings.relay.batch"),
-                )
+                Step::Read => {
+                    let span = tracing::debug_span!(
+                        "tidings.relay.batch",
+                        lanes = self.lanes.owned().len(),
+                        rows = tracing::field::Empty
+                    );
+                    tracing::Instrument::instrument(self.read_and_enqueue(), span)
+                }
                 .await
                 .map(|full| {
                     more = full;

@@ -207,6 +207,7 @@ impl Relay {
             )));
         }
         let mut unavailable = None;
+        tracing::Span::current().record("rows", rows.len());
         tracing::debug!(rows = rows.len(), "relay: read");
         if !rows.is_empty() {
             let missing = self.ensure_topics(&rows).await;
