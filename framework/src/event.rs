@@ -247,6 +247,32 @@ pub fn from_payload<T: DeserializeOwned>(
     })
 }
 
+/// The message of a panic payload.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+/// Runs a typed upcast (deserializing the old payload, then the `Into`
+/// steps): a panic in user code becomes this event's decode error.
+#[doc(hidden)]
+pub fn guarded<T>(
+    event_type: &str,
+    version: u32,
+    convert: impl FnOnce() -> Result<T, DecodeError>,
+) -> Result<T, DecodeError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(convert)).unwrap_or_else(|panic| {
+        Err(DecodeError::Upcast {
+            event_type: event_type.to_owned(),
+            version,
+            source: UpcastError::new(format!("the upcaster panicked: {}", panic_text(&*panic))),
+        })
+    })
+}
+
 /// Runs one JSON upcaster, naming the type and version on failure.
 #[doc(hidden)]
 pub fn upcast(
@@ -258,12 +284,10 @@ pub fn upcast(
     // An upcaster that panics on a payload it did not expect must not take
     // a consumer down: its panic becomes this event's decode error.
     let outcome = std::panic::catch_unwind(move || upcaster(payload)).unwrap_or_else(|panic| {
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".to_owned());
-        Err(UpcastError::new(format!("the upcaster panicked: {why}")))
+        Err(UpcastError::new(format!(
+            "the upcaster panicked: {}",
+            panic_text(&*panic)
+        )))
     });
     outcome.map_err(|source| DecodeError::Upcast {
         event_type: event_type.to_owned(),

@@ -114,3 +114,40 @@ proptest! {
         prop_assert_eq!(event, expected);
     }
 }
+
+/// Version 1 of a reading carried text; the typed upcaster parses it and,
+/// like a careless user, panics on text that is not a number.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+struct ReadingV1 {
+    value: String,
+}
+
+impl From<ReadingV1> for ReadingEvent {
+    fn from(v1: ReadingV1) -> Self {
+        ReadingEvent::Read {
+            value: v1.value.parse().expect("a number"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Event)]
+enum ReadingEvent {
+    #[event(version = 2, upcast(from = 1, typed = ReadingV1))]
+    Read { value: i64 },
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn typed_upcasters_that_panic_give_a_typed_error_not_a_panic(value in prop_oneof![".{0,12}", any::<i64>().prop_map(|n| n.to_string())]) {
+        match ReadingEvent::decode("Read", 1, json!({ "value": value })) {
+            Ok(ReadingEvent::Read { value: read }) => prop_assert_eq!(read.to_string(), value),
+            Err(error) => {
+                let message = error.to_string();
+                prop_assert!(value.parse::<i64>().is_err(), "{}", message);
+                prop_assert!(message.contains("`Read` version 1") && message.contains("panicked"), "{}", message);
+            }
+        }
+    }
+}

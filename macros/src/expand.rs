@@ -207,12 +207,16 @@ fn decode_arms(v: &Variant<'_>) -> Vec<TokenStream> {
                     }
                     at += 1;
                 }
-                quote_spanned! {span=> {
-                    let value: #ty = ::tidings::__private::from_payload(#old_name, #from, payload)?;
-                    #(#steps)*
-                    let value: Self = ::core::convert::Into::into(value);
-                    ::core::result::Result::Ok(value)
-                }}
+                // Deserializing and converting run user code: a panic
+                // there is this event's decode error.
+                quote_spanned! {span=>
+                    ::tidings::__private::guarded(#old_name, #from, move || {
+                        let value: #ty = ::tidings::__private::from_payload(#old_name, #from, payload)?;
+                        #(#steps)*
+                        let value: Self = ::core::convert::Into::into(value);
+                        ::core::result::Result::Ok(value)
+                    })
+                }
             }
         };
         arms.push(quote!((#old_name, #from) => #body,));

@@ -235,15 +235,43 @@ async fn an_applied_duplicate_that_no_longer_decodes_does_not_park_its_stream() 
     task.await.unwrap().unwrap();
 }
 
+/// The gauges, panicking while applying gauge `g-1`.
+struct Panicky;
+
+#[async_trait::async_trait]
+impl tidings::projection::Projection for Panicky {
+    type Event = tidings_tests::gauges::GaugeEvent;
+
+    fn name(&self) -> &str {
+        "gauge_view"
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        envelope: &tidings::Envelope<Self::Event>,
+    ) -> Result<(), tidings::projection::ApplyError> {
+        assert_ne!(envelope.aggregate_id, "g-1", "g-1 is not supported");
+        GaugeView.apply(conn, envelope).await
+    }
+
+    async fn reset(
+        &self,
+        conn: &mut sqlx::PgConnection,
+    ) -> Result<(), tidings::projection::ApplyError> {
+        GaugeView.reset(conn).await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redrive_catches_a_panic_and_keeps_the_event_parked_with_why() {
     let db = TestDb::new().await;
     create_gauge_view(&db).await;
     let (prefix, topic, producer) = one_partition_topic().await;
-    produce(&producer, &topic, "g-1", &poison("g-1", 1, 0)).await;
+    produce(&producer, &topic, "g-1", &v1("g-1", 1, "5")).await;
     produce(&producer, &topic, "g-1", &v1("g-1", 2, "6")).await;
     let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), Panicky, config).unwrap());
     wait_until("both parked", Duration::from_secs(30), async || {
         list_parked(&db.pool, Some("gauge_view"))
             .await
@@ -254,13 +282,15 @@ async fn a_redrive_catches_a_panic_and_keeps_the_event_parked_with_why() {
     .await;
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
-    let report = redrive_stream(&db.pool, &GaugeView, "gauge", "g-1")
+    let report = redrive_stream(&db.pool, &Panicky, "gauge", "g-1")
         .await
         .expect("a panic while re-driving is the event's reason, not the re-drive's end");
     assert_eq!((report.applied, report.still_parked), (0, 2));
     let parked = list_parked(&db.pool, Some("gauge_view")).await.unwrap();
     assert!(
-        parked[0].dead_letter && parked[0].reason.contains("decoding panicked"),
+        parked[0].dead_letter
+            && parked[0].reason.contains("applying panicked")
+            && parked[0].reason.contains("g-1 is not supported"),
         "{parked:#?}"
     );
 }
