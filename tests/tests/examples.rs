@@ -364,3 +364,112 @@ async fn the_relay_and_a_runner_stop_cleanly_on_sigterm() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_commands_show_and_act_on_what_is_there() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use tidings::kafka::KafkaConfig;
+    use tidings::projection::{Runner, RunnerConfig};
+    use tidings_examples::orders::{Order, OrderCommand};
+    use tidings_examples::summary::OrderSummary;
+    let db = TestDb::new().await;
+    let summary = OrderSummary::default();
+    summary.create_table(&db.pool).await.unwrap();
+    let (store, prefix) = tidings_tests::store_with_prefix(&db);
+    let topic = store.topic_of::<Order>();
+    for i in 0..3 {
+        let id = format!("ORD-{i}");
+        let create = OrderCommand::Create {
+            order_id: id.clone(),
+            user_id: "U".into(),
+            amount: 1.0,
+            currency: "EUR".into(),
+        };
+        store.execute::<Order>(&id, create).await.unwrap();
+    }
+    let relay = tidings::relay::Relay::new(
+        db.pool.clone(),
+        tidings::relay::RelayConfig::new(KafkaConfig::new(brokers())),
+    )
+    .unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let relay = tokio::spawn(relay.run(until(stopped.clone())));
+    tidings_tests::wait_for_topic(&brokers(), &topic, std::time::Duration::from_secs(30)).await;
+    // Not an envelope: dead-lettered by the summary.
+    let producer: FutureProducer = tidings_tests::kafka_config().create().unwrap();
+    producer
+        .send(
+            FutureRecord::to(&topic).key("ORD-BAD").payload("not json"),
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let runner = Runner::new(
+        db.pool.clone(),
+        summary.clone(),
+        RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix),
+    )
+    .unwrap();
+    let stats = runner.stats();
+    let runner = tokio::spawn(runner.run(until(stopped.clone())));
+    let started = std::time::Instant::now();
+    while stats.applied.load(std::sync::atomic::Ordering::Relaxed) < 3
+        || stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < 1
+    {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    runner.await.unwrap().unwrap();
+
+    let run = |bin: std::path::PathBuf, args: &[&str]| {
+        let out = Command::new(bin)
+            .args(args)
+            .env("DATABASE_URL", db.url())
+            .env("KAFKA_BROKERS", brokers())
+            .env("TIDINGS_TOPIC_PREFIX", &prefix)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = run(tidings_bin(), &["dlq", "list"]);
+    assert!(
+        listed.contains("order_summary ?/ORD-BAD") && listed.contains("dead-lettered: "),
+        "{listed}"
+    );
+    let status = run(tidings_bin(), &["projections", "status"]);
+    assert!(
+        status.contains("order_summary: generation 1, lag 0, dead-lettered 1, parked 0"),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("{topic}[")),
+        "every partition listed: {status}"
+    );
+    let redriven = run(example_bin("orders"), &["summary", "redrive"]);
+    assert!(
+        redriven.contains("re-driven: 0 applied, 0 already applied, 1 still parked"),
+        "{redriven}"
+    );
+    let replayed = run(example_bin("orders"), &["summary", "replay"]);
+    assert!(
+        replayed.contains("projection order_summary reset; generation 2"),
+        "{replayed}"
+    );
+    assert!(summary.rows(&db.pool).await.unwrap().is_empty(), "reset");
+    let status = run(tidings_bin(), &["projections", "status"]);
+    assert!(
+        status.contains("order_summary: generation 2, lag 4, dead-lettered 0"),
+        "the replay starts over: {status}"
+    );
+}
