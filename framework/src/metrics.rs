@@ -102,7 +102,7 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{labels} {value}");
             }
         };
-        let sum = |f: &dyn Fn(&StoreStats) -> u64| stores.iter().map(|s| f(s) as f64).sum::<f64>();
+        let sum = |f: &dyn Fn(&StoreStats) -> u64| stores.iter().map(|s| f(s)).sum::<u64>() as f64;
         metric(
             "tidings_events_appended_total",
             "counter",
@@ -150,7 +150,7 @@ impl Metrics {
         }
 
         let relay =
-            |f: &dyn Fn(&RelayStats) -> u64| relays.iter().map(|s| f(s) as f64).sum::<f64>();
+            |f: &dyn Fn(&RelayStats) -> u64| relays.iter().map(|s| f(s)).sum::<u64>() as f64;
         metric(
             "tidings_relay_published_total",
             "counter",
