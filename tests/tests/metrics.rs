@@ -221,3 +221,48 @@ async fn ready_answers_503_while_a_runner_cannot_reach_its_broker() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_answers_503_while_postgres_does_not_answer() {
+    use sqlx::postgres::PgPoolOptions;
+    let db = TestDb::new().await;
+    let server = format!(
+        "{}:{}",
+        db.connect_options().get_host(),
+        db.connect_options().get_port()
+    );
+    let proxy = tidings_tests::proxy::Proxy::start(&server).await;
+    let port: u16 = proxy.address.rsplit(':').next().unwrap().parse().unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_with(db.connect_options().host("127.0.0.1").port(port))
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let addr = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        Metrics::new(pool, None),
+        async move {
+            let mut stopped = stopped;
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        get(addr, "/ready").await.0,
+        200,
+        "ready while PostgreSQL answers"
+    );
+    proxy.black_hole();
+    let started = Instant::now();
+    let (status, body) = get(addr, "/ready").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered in time"
+    );
+    assert_eq!(get(addr, "/health").await.0, 200);
+    stop.send(true).unwrap();
+}
