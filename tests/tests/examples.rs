@@ -615,3 +615,82 @@ fn secret_kafka_properties_never_reach_the_logs() {
     assert!(!log.contains(secret), "the secret leaked:\n{log}");
     drop(db);
 }
+
+/// Partitions of `topic` (`None` when the cluster does not have it).
+fn partitions_of(topic: &str) -> Option<usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = tidings_tests::kafka_config().create().unwrap();
+    let metadata = client
+        .fetch_metadata(None, std::time::Duration::from_secs(10))
+        .unwrap();
+    metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_flags_create_topics_as_told_or_leave_them_alone() {
+    use tidings_examples::orders::{Order, OrderCommand};
+    let db = TestDb::new().await;
+    let (store, _) = tidings_tests::store_with_prefix(&db);
+    let topic = store.topic_of::<Order>();
+    let create = OrderCommand::Create {
+        order_id: "ORD-1".into(),
+        user_id: "U".into(),
+        amount: 1.0,
+        currency: "EUR".into(),
+    };
+    store.execute::<Order>("ORD-1", create).await.unwrap();
+    let relay = |args: &[&str]| {
+        Command::new(tidings_bin())
+            .arg("relay")
+            .args(args)
+            .env("DATABASE_URL", db.url())
+            .env("KAFKA_BROKERS", brokers())
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(tidings_tests::Spawned::from)
+            .unwrap()
+    };
+    let depth = async || tidings::store::outbox_status(&db.pool).await.unwrap().depth;
+
+    // --no-create-topics: the topic stays missing and the row waits (an
+    // absence: watched for a while).
+    let mut child = relay(&["--no-create-topics"]);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the relay runs on");
+    assert_eq!(depth().await, 1, "the row waits for its topic");
+    let missing = topic.clone();
+    assert_eq!(
+        tokio::task::spawn_blocking(move || partitions_of(&missing))
+            .await
+            .unwrap(),
+        None,
+        "not created"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // --partitions 3: created with 3 partitions, and the row goes out.
+    let mut child = relay(&["--partitions", "3"]);
+    let started = std::time::Instant::now();
+    while depth().await > 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "not published"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        tokio::task::spawn_blocking(move || partitions_of(&topic))
+            .await
+            .unwrap(),
+        Some(3)
+    );
+}
