@@ -188,6 +188,18 @@ fn read_lock(path: &Path) -> std::io::Result<BTreeMap<(String, u32), String>> {
 /// }
 /// ```
 pub fn check_lock(schemas: &[EventSchema], path: impl AsRef<Path>) -> Result<(), LockMismatch> {
+    let bless = std::env::var_os(BLESS_ENV).is_some_and(|v| v != "0" && !v.is_empty());
+    check_lock_with(schemas, path, bless)
+}
+
+/// [`check_lock`] with blessing decided by the caller rather than by
+/// `TIDINGS_BLESS`: `bless` writes the current fingerprints (keeping the
+/// entries of other types) and succeeds; otherwise it only compares.
+pub fn check_lock_with(
+    schemas: &[EventSchema],
+    path: impl AsRef<Path>,
+    bless: bool,
+) -> Result<(), LockMismatch> {
     let path = path.as_ref();
     let mismatch = |problems| LockMismatch {
         path: path.to_owned(),
@@ -195,7 +207,6 @@ pub fn check_lock(schemas: &[EventSchema], path: impl AsRef<Path>) -> Result<(),
     };
     let mut entries =
         read_lock(path).map_err(|e| mismatch(vec![format!("cannot read the lock: {e}")]))?;
-    let bless = std::env::var_os(BLESS_ENV).is_some_and(|v| v != "0" && !v.is_empty());
 
     let mut problems = Vec::new();
     for schema in schemas {

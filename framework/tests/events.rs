@@ -363,7 +363,11 @@ mod after {
 
 #[test]
 fn schema_lock_catches_a_changed_shape() {
-    use tidings::schema::{check_lock, schemas_of, write_lock};
+    // `check_lock_with(.., false)`: whatever TIDINGS_BLESS the environment has.
+    use tidings::schema::{check_lock_with, schemas_of, write_lock};
+    let check_lock = |schemas: &[tidings::schema::EventSchema], path: &std::path::Path| {
+        check_lock_with(schemas, path, false)
+    };
     let path = std::env::temp_dir().join(format!("tidings-{}.lock", uuid::Uuid::now_v7()));
 
     let missing = check_lock(&schemas_of::<before::OrderEvent>(), &path).unwrap_err();
@@ -389,5 +393,30 @@ fn schema_lock_catches_a_changed_shape() {
         "{message}"
     );
     assert!(message.contains("TIDINGS_BLESS=1"), "{message}");
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn blessing_the_lock_records_the_new_shape_and_keeps_other_types() {
+    use tidings::schema::{check_lock_with, schemas_of, write_lock};
+    let path = std::env::temp_dir().join(format!("tidings-{}.lock", uuid::Uuid::now_v7()));
+    write_lock(&schemas_of::<before::OrderEvent>(), &path).unwrap();
+    // Another type's entry, which blessing OrderEvent must keep.
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!("Other v1 {}\n", "0".repeat(64)));
+    std::fs::write(&path, &text).unwrap();
+
+    check_lock_with(&schemas_of::<after::OrderEvent>(), &path, true).expect("blessing succeeds");
+    check_lock_with(&schemas_of::<after::OrderEvent>(), &path, false)
+        .expect("the new shape is recorded");
+    let blessed = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        blessed.contains(&format!("Other v1 {}", "0".repeat(64))),
+        "{blessed}"
+    );
+    assert!(
+        check_lock_with(&schemas_of::<before::OrderEvent>(), &path, false).is_err(),
+        "the old shape no longer matches"
+    );
     std::fs::remove_file(path).unwrap();
 }

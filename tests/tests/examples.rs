@@ -252,9 +252,24 @@ fn schema_commands_export_and_check_against_the_lock() {
 
     // A lock recorded for another shape: exit 1, naming the event.
     let tampered = dir.join("events.lock");
-    let text_lock = std::fs::read_to_string(lock)
+    // The recorded fingerprint of OrderCreated v2 with its first digit
+    // changed (whatever that digit is).
+    let text_lock: String = std::fs::read_to_string(lock)
         .unwrap()
-        .replace("OrderCreated v2 a", "OrderCreated v2 b");
+        .lines()
+        .map(|line| match line.strip_prefix("OrderCreated v2 ") {
+            Some(hash) => {
+                let first = if hash.starts_with('0') { '1' } else { '0' };
+                format!("OrderCreated v2 {first}{}\n", &hash[1..])
+            }
+            None => format!("{line}\n"),
+        })
+        .collect();
+    assert_ne!(
+        text_lock,
+        std::fs::read_to_string(lock).unwrap(),
+        "tampered"
+    );
     std::fs::write(&tampered, text_lock).unwrap();
     let out = Command::new(example_bin("orders"))
         .args(["schema", "check", "--lock"])
