@@ -93,7 +93,8 @@ impl Projection for CounterView {
         let CounterEvent::Added { amount } = envelope.payload;
         // Counts any event applied out of sequence order.
         sqlx::query(
-            "INSERT INTO counter_view AS v (id, total, events, last_sequence) VALUES ($1, $2, 1, $3) \
+            "INSERT INTO counter_view AS v (id, total, events, last_sequence, out_of_order) \
+             VALUES ($1, $2, 1, $3, CASE WHEN $3 = 1 THEN 0 ELSE 1 END) \
              ON CONFLICT (id) DO UPDATE SET total = v.total + $2, events = v.events + 1, last_sequence = $3, \
              out_of_order = v.out_of_order + CASE WHEN $3 = v.last_sequence + 1 THEN 0 ELSE 1 END",
         )
@@ -196,22 +197,36 @@ pub async fn figures(store: &Store, topic_messages: &[Received]) -> Figures {
             .unwrap();
     let applied: i64 = rows.iter().map(|r| r.2).sum();
     let out_of_order: i64 = rows.iter().map(|r| r.3).sum();
-    // Each counter's total must equal the store's.
-    let totals: BTreeMap<String, i64> = sqlx::query_as(
-        "SELECT aggregate_id, sum((payload->>'amount')::bigint)::bigint FROM tidings_events GROUP BY aggregate_id",
+    // Every counter of the store is in the read model with the store's
+    // total, event count and last sequence (a double apply offset by a
+    // loss, a missing counter or a gap at a stream's end all show here).
+    let stored: BTreeMap<String, (i64, i64, i64)> = sqlx::query_as(
+        "SELECT aggregate_id, sum((payload->>'amount')::bigint)::bigint, count(*), max(sequence) \
+         FROM tidings_events WHERE aggregate_type = 'counter' GROUP BY aggregate_id",
     )
     .fetch_all(pool)
     .await
     .unwrap()
     .into_iter()
+    .map(|(id, total, events, last): (String, i64, i64, i64)| (id, (total, events, last)))
     .collect();
-    for (id, total, _, _) in &rows {
+    let read: BTreeMap<String, (i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, total, events, last_sequence FROM counter_view",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(id, total, events, last): (String, i64, i64, i64)| (id, (total, events, last)))
+    .collect();
+    for (id, expected) in &stored {
         assert_eq!(
-            totals.get(id),
-            Some(total),
-            "counter {id}: read model total differs from the store"
+            read.get(id),
+            Some(expected),
+            "counter {id}: (total, events, last sequence) in the read model differ from the store"
         );
     }
+    let totals = stored;
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM tidings_parked WHERE dead_letter")
         .fetch_one(pool)
         .await
