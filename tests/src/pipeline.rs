@@ -210,15 +210,14 @@ pub async fn figures(store: &Store, topic_messages: &[Received]) -> Figures {
     .into_iter()
     .map(|(id, total, events, last): (String, i64, i64, i64)| (id, (total, events, last)))
     .collect();
-    let read: BTreeMap<String, (i64, i64, i64)> = sqlx::query_as(
-        "SELECT id, total, events, last_sequence FROM counter_view",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|(id, total, events, last): (String, i64, i64, i64)| (id, (total, events, last)))
-    .collect();
+    let read: BTreeMap<String, (i64, i64, i64)> =
+        sqlx::query_as("SELECT id, total, events, last_sequence FROM counter_view")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, total, events, last): (String, i64, i64, i64)| (id, (total, events, last)))
+            .collect();
     for (id, expected) in &stored {
         assert_eq!(
             read.get(id),
