@@ -105,10 +105,14 @@ async fn the_named_series_move_as_events_flow() {
     let started = Instant::now();
     let after = loop {
         let (_, body) = get(addr, "/metrics").await;
+        // Applied, and the relay's deletes done (they follow the
+        // acknowledgements, so may come after the runner applied).
         if value(
             &body,
             "tidings_projection_applied_total{projection=\"order_summary\"}",
         ) >= 5.0
+            && value(&body, "tidings_outbox_depth") == 0.0
+            && value(&body, "tidings_relay_published_total") == 5.0
         {
             break body;
         }
