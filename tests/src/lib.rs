@@ -478,6 +478,71 @@ pub async fn outbox_depth(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
+/// Spawns `bin` with its stderr read line by line into a shared log.
+pub fn spawn_logged(
+    bin: std::path::PathBuf,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (
+    Spawned,
+    std::sync::Arc<std::sync::Mutex<String>>,
+) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(bin)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = std::sync::Arc::clone(&log);
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    (child.into(), log)
+}
+
+/// Waits until `log` has the line a metrics server logs when it listens
+/// (`serving /metrics … bound=ADDR`) and returns the address: a process
+/// given port 0 picks a free port itself, so no port is chosen and released.
+pub async fn logged_address(
+    log: &std::sync::Mutex<String>,
+    within: Duration,
+) -> std::net::SocketAddr {
+    let started = std::time::Instant::now();
+    loop {
+        let found = log.lock().unwrap().lines().find_map(|l| {
+            l.contains("serving /metrics")
+                .then(|| {
+                    l.split("bound=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()
+                        .map(str::to_owned)
+                })
+                .flatten()
+        });
+        if let Some(addr) = found {
+            return addr.trim_matches('"').parse().unwrap();
+        }
+        assert!(
+            started.elapsed() < within,
+            "no address logged: {}",
+            log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A child process that is killed (SIGKILL) and reaped when dropped, so that
 /// a failing test or benchmark leaves no relay or runner running behind it.
 /// Dereferences to the [`std::process::Child`].
@@ -656,13 +721,24 @@ impl OwnBroker {
             .spawn()
             .expect("starting nisshi (scripts/dev.sh up installs it)");
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&self.address).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the test broker did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        let address = self.address.clone();
+        let wait = move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::net::TcpStream::connect(&address).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the test broker did not start"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        // Inside a multi-threaded runtime the wait must not hold up a worker
+        // (the pipeline under test runs on them).
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
         }
     }
 

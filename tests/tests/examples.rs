@@ -489,39 +489,6 @@ async fn the_operator_commands_show_and_act_on_what_is_there() {
     );
 }
 
-/// Spawns `bin` with its stderr read line by line into a shared log.
-fn spawn_logged(
-    bin: std::path::PathBuf,
-    args: &[&str],
-    envs: &[(&str, &str)],
-) -> (
-    tidings_tests::Spawned,
-    std::sync::Arc<std::sync::Mutex<String>>,
-) {
-    use std::io::BufRead;
-    let mut child = Command::new(bin)
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = std::sync::Arc::clone(&log);
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let mut log = sink.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-    (child.into(), log)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projection_run_serves_its_metrics_on_the_address_it_logs() {
     use tidings_examples::summary::OrderSummary;
@@ -534,7 +501,7 @@ async fn a_projection_run_serves_its_metrics_on_the_address_it_logs() {
     let brokers = brokers();
     let prefix = format!("{}.", unique("t"));
     // Port 0: the runner binds a free port itself and logs it.
-    let (mut runner, log) = spawn_logged(
+    let (mut runner, log) = tidings_tests::spawn_logged(
         example_bin("orders"),
         &["summary", "run", "--metrics-addr", "127.0.0.1:0"],
         &[
@@ -545,29 +512,7 @@ async fn a_projection_run_serves_its_metrics_on_the_address_it_logs() {
             ("NO_COLOR", "1"),
         ],
     );
-    let started = std::time::Instant::now();
-    let addr: std::net::SocketAddr = loop {
-        let found = log.lock().unwrap().lines().find_map(|l| {
-            l.contains("serving /metrics")
-                .then(|| {
-                    l.split("bound=")
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()
-                        .map(str::to_owned)
-                })
-                .flatten()
-        });
-        if let Some(addr) = found {
-            break addr.trim_matches('"').parse().unwrap();
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(30),
-            "no address logged: {}",
-            log.lock().unwrap()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let addr = tidings_tests::logged_address(&log, std::time::Duration::from_secs(30)).await;
     let body = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Write};
         let mut socket = std::net::TcpStream::connect(addr).unwrap();
@@ -601,7 +546,7 @@ fn secret_kafka_properties_never_reach_the_logs() {
     let password = format!("sasl.password={secret}");
     let url = database_url();
     let brokers = brokers();
-    let (mut relay, log) = spawn_logged(
+    let (mut relay, log) = tidings_tests::spawn_logged(
         tidings_bin(),
         &[
             "relay",

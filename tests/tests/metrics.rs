@@ -148,32 +148,25 @@ async fn the_named_series_move_as_events_flow() {
 #[tokio::test]
 async fn the_relay_binary_serves_health_and_metrics() {
     let db = TestDb::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = std::process::Command::new(tidings_tests::tidings_bin())
-        .args(["relay", "--metrics-addr", &format!("127.0.0.1:{port}")])
-        .env("DATABASE_URL", db.url())
-        .env("KAFKA_BROKERS", brokers())
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .map(tidings_tests::Spawned::from)
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let started = Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the metrics endpoint did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let url = db.url();
+    let brokers = brokers();
+    // Port 0: the relay picks a free port and logs it.
+    let (mut child, log) = tidings_tests::spawn_logged(
+        tidings_tests::tidings_bin(),
+        &["relay", "--metrics-addr", "127.0.0.1:0"],
+        &[
+            ("DATABASE_URL", &url),
+            ("KAFKA_BROKERS", &brokers),
+            ("RUST_LOG", "info"),
+            ("NO_COLOR", "1"),
+        ],
+    );
+    let addr = tidings_tests::logged_address(&log, Duration::from_secs(30)).await;
     assert_eq!(get(addr, "/health").await.0, 200);
     assert_eq!(get(addr, "/ready").await.0, 200);
     let (_, body) = get(addr, "/metrics").await;
-    assert!(body.contains("tidings_relay_published_total 0"), "{body}");
+    assert!(body.contains("tidings_relay_published_total 0\n"), "{body}");
+    assert!(child.try_wait().unwrap().is_none(), "the relay runs on");
     child.kill().unwrap();
     child.wait().unwrap();
 }
