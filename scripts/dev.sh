@@ -65,18 +65,30 @@ broker_install() {
     rm -rf "$CACHE/nisshi-build"
 }
 
+# Whether a Kafka-protocol broker answers on port $1: an ApiVersions v0
+# request (key 18) with correlation id 7 must come back with that id.
+speaks_kafka() {
+    local reply
+    reply=$(timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1; printf '\x00\x00\x00\x0d\x00\x12\x00\x00\x00\x00\x00\x07\x00\x03dev' >&3; head -c 8 <&3 | od -An -tx1" 2>/dev/null) || return 1
+    [[ "$(echo $reply | tr -d ' ')" =~ ^[0-9a-f]{8}00000007$ ]]
+}
+
 broker_running() {
     [ -f "$BROKER_PID" ] && kill -0 "$(cat "$BROKER_PID")" 2>/dev/null
 }
 
 broker_up() {
-    if broker_running && port_open "$BROKER_PORT"; then
+    if broker_running && speaks_kafka "$BROKER_PORT"; then
         say "broker: nisshi $NISSHI_VERSION listening on 127.0.0.1:$BROKER_PORT (pid $(cat "$BROKER_PID"))"
         return
     fi
     if port_open "$BROKER_PORT"; then
-        say "broker: something else listens on 127.0.0.1:$BROKER_PORT; using it"
-        return
+        if speaks_kafka "$BROKER_PORT"; then
+            say "broker: another Kafka-protocol broker answers on 127.0.0.1:$BROKER_PORT; using it"
+            return
+        fi
+        say "broker: something that does not speak the Kafka protocol listens on 127.0.0.1:$BROKER_PORT; stop it or set TIDINGS_BROKER_PORT"
+        exit 1
     fi
     broker_install
     mkdir -p "$RUN_DIR"
