@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mutation check of the suite on the write side: breaks one guarantee at a
+# Mutation check of the suite: breaks one guarantee at a
 # time on purpose, runs the tests meant to prove it, and reports whether they
 # noticed (they must fail). The source is restored after each mutation.
 #
@@ -40,6 +40,14 @@ P7~framework/src/projection/setup.rs~SELECT pg_advisory_xact_lock(hashtextextend
 P8~framework/src/projection/runner.rs~                Ok((_, high)) if next > high => {~                Ok((_, high)) if false && next > high => {~projection_faults~beyond~a checkpoint beyond the partition's end is read past (new messages dropped as applied)
 P9~framework/src/projection/runner.rs~        if self.last.is_some_and(|t| t.elapsed() < self.interval) {~        if false && self.last.is_some_and(|t| t.elapsed() < self.interval) {~logs~bounded~an outage logs a line per consumer error
 P10~framework/src/projection/runner.rs~                    careful = true;~                    careful = false;~projection_faults~linear~every refusal restarts the whole batch (quadratic)
+G1~framework/src/projection/apply.rs~        if sequence <= last {~        if false && sequence <= last {~faults~relay_killed~the projection skips the sequence check (redelivered events applied again)
+G3~framework/src/projection/apply.rs~    SELECT $1, $2, $3, 0 FROM g WHERE g.generation = $4 \~    SELECT $1, $2, $3, 0 FROM g WHERE g.generation > 0 OR $4 = 0 \~dead_letters~replaced_generation~the fence is dropped: a runner on a replaced generation goes on applying
+G4~framework/src/projection/apply.rs~        sequences.push(last_sequence[stream]);~        sequences.push(0);~faults~relay_killed~events are applied without saving their stream's position
+P11~framework/src/projection/dead_letters.rs~                Err(e) if permanent(&e) => refused.push((id, e.to_string())),~                Err(e) if false && permanent(&e) => refused.push((id, e.to_string())),~dead_letters~refuses_for_good~a dead letter the topic refuses for good is retried forever
+P12~framework/src/projection/switch.rs~(status.lag() > switch.max_lag)~(status.lag() > 0)~projection_switch~steady_load~the switch waits for a lag of exactly 0
+P13~framework/src/projection/switch.rs~    if dead_lettered > 0 && !switch.allow_dead_letters {~    if false && dead_lettered > 0 && !switch.allow_dead_letters {~projection_switch~dead_letters~the switch ignores the new version's dead letters
+P14~framework/src/projection/runner.rs~                config.batch_timeout,~                Duration::from_secs(3600),~projection_faults~goes_silent~a batch waits on a silent database for as long as TCP does
+P15~framework/src/projection/runner.rs~        if permanent || self.streak_since.is_some_and(|t| now - t > allowance) {~        if false {~metrics~runner_cannot_reach~a runner whose consumer keeps failing reports itself ready
 EOF
 )
 

@@ -28,6 +28,26 @@ pub fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
 }
 
+/// A deadline of `within` grown with `TIDINGS_FAULT_SCALE`: larger runs get
+/// proportionally longer to reach a condition.
+pub fn scaled(within: Duration) -> Duration {
+    within * pipeline::scale().max(1) as u32
+}
+
+/// Waits until `check` holds, polling every 50 ms; fails naming `what` after
+/// `within` (grown with the scale, see [`scaled`]).
+pub async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let within = scaled(within);
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < within,
+            "{what}: not reached within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A short random suffix for database and topic names.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
@@ -483,10 +503,7 @@ pub fn spawn_logged(
     bin: std::path::PathBuf,
     args: &[&str],
     envs: &[(&str, &str)],
-) -> (
-    Spawned,
-    std::sync::Arc<std::sync::Mutex<String>>,
-) {
+) -> (Spawned, std::sync::Arc<std::sync::Mutex<String>>) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(bin)
         .args(args)

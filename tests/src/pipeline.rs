@@ -165,6 +165,7 @@ impl Figures {
 
 /// Waits until the read model has applied `committed` events.
 pub async fn wait_applied(pool: &PgPool, committed: u64, within: Duration) {
+    let within = crate::scaled(within);
     let started = Instant::now();
     loop {
         let applied: i64 =

@@ -5,7 +5,7 @@
 //! retried on its partition alone; a runner on a replaced generation fenced.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
@@ -14,7 +14,7 @@ use tidings::projection::{Runner, RunnerConfig, list_parked, redrive_stream};
 use tidings_tests::gauges::{
     GaugeView, create_gauge_view, one_partition_topic, produce, spawn_runner, v1, v1_padded,
 };
-use tidings_tests::{TestDb, brokers, consume, create_topic_named};
+use tidings_tests::{TestDb, brokers, consume, create_topic_named, wait_until};
 
 async fn events_of(db: &TestDb, id: &str) -> i64 {
     sqlx::query_scalar("SELECT events FROM gauge_view WHERE id = $1")
@@ -23,14 +23,6 @@ async fn events_of(db: &TestDb, id: &str) -> i64 {
         .await
         .unwrap()
         .unwrap_or(0)
-}
-
-async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A v1 envelope of gauge `id` whose value makes the upcaster panic, with

@@ -137,6 +137,40 @@ async fn the_named_series_move_as_events_flow() {
         0.0
     );
 
+    // Every series the README names is exported, with its values.
+    for (series, at_least) in [
+        ("tidings_commands_total", 5.0),
+        ("tidings_append_conflicts_total", 0.0),
+        ("tidings_relay_delivery_failures_total", 0.0),
+        ("tidings_relay_batch_seconds_total", 0.0),
+        ("tidings_relay_lanes", 1.0),
+        (
+            "tidings_projection_skipped_total{projection=\"order_summary\"}",
+            0.0,
+        ),
+        (
+            "tidings_projection_parked_total{projection=\"order_summary\"}",
+            0.0,
+        ),
+        (
+            "tidings_projection_retries_total{projection=\"order_summary\"}",
+            0.0,
+        ),
+        (
+            "tidings_projection_batches_total{projection=\"order_summary\"}",
+            1.0,
+        ),
+        (
+            "tidings_projection_parked{projection=\"order_summary\"}",
+            0.0,
+        ),
+        (
+            "tidings_projection_lag_known{projection=\"order_summary\"}",
+            1.0,
+        ),
+    ] {
+        assert!(value(&after, series) >= at_least, "{series} in:\n{after}");
+    }
     assert_eq!(get(addr, "/health").await.0, 200);
     assert_eq!(get(addr, "/ready").await.0, 200);
     assert_eq!(get(addr, "/nothing").await.0, 404);

@@ -18,7 +18,9 @@ use tidings::relay::{Relay, RelayConfig};
 use tidings::{Envelope, RawEnvelope};
 use tidings_examples::orders::{Order, OrderCommand, OrderEvent, OrderStatus};
 use tidings_examples::summary::OrderSummary;
-use tidings_tests::{TestDb, brokers, consume, kafka_config, store_with_prefix, unique};
+use tidings_tests::{
+    TestDb, brokers, consume, kafka_config, store_with_prefix, unique, wait_until as wait_for,
+};
 use tokio::sync::oneshot;
 
 struct Running {
@@ -70,17 +72,6 @@ fn start_relay(
             let _ = stopped.await;
         })),
     )
-}
-
-async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < within,
-            "{what}: not reached within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn expected_row(id: &str, order: &Order, sequence: u64) -> (String, String, String, i32) {

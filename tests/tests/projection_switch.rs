@@ -15,7 +15,7 @@ use tidings::projection::{
 use tidings::relay::{Relay, RelayConfig};
 use tidings::{Envelope, Error};
 use tidings_tests::pipeline::{Counter, CounterEvent, committed, scale};
-use tidings_tests::{TestDb, brokers, prefixed_store};
+use tidings_tests::{TestDb, brokers, prefixed_store, wait_until};
 
 /// One version of the counters' read model, in its own table; it refuses
 /// (permanently) the amount `refuse`, if any.
@@ -141,14 +141,6 @@ async fn applied(db: &TestDb, table: &str) -> i64 {
     .fetch_one(&db.pool)
     .await
     .unwrap()
-}
-
-async fn wait_until(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Commands to 40 counters from 4 writers, each pausing `pause` between

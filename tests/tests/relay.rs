@@ -47,6 +47,7 @@ fn spawn_relay(
 }
 
 async fn wait_outbox_empty(db: &TestDb, within: Duration) {
+    let within = tidings_tests::scaled(within);
     let start = Instant::now();
     loop {
         let depth = tidings::store::outbox_status(&db.pool).await.unwrap().depth;

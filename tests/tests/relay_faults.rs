@@ -78,7 +78,7 @@ fn scale() -> u32 {
 
 /// A deadline that grows with the scale.
 fn deadline(seconds: u64) -> Duration {
-    Duration::from_secs(seconds * u64::from(scale().max(1)))
+    tidings_tests::scaled(Duration::from_secs(seconds))
 }
 
 /// A store with a topic prefix of its own.
@@ -842,4 +842,80 @@ async fn shutdown_finishes_in_time_while_the_broker_is_frozen_with_batches_in_fl
         20,
         "what was not acknowledged stays for the next relay"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_loses_its_lock_session_mid_run_leaves_nothing_missing_or_out_of_order() {
+    let db = TestDb::new().await;
+    let store = store(&db.pool);
+    let topic = store.topic_of::<Journal>();
+    let relays = [
+        Running::start(&db.pool, config(&brokers())),
+        Running::start(&db.pool, config(&brokers())),
+    ];
+    let aggregates = 40;
+    let per = 30;
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for round in 0..per {
+                for i in 0..aggregates {
+                    note(&store, &format!("J-{i:02}"), format!("{round}")).await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Mid-run, the session holding the most lane locks is terminated (as a
+    // failover or an administrator would): its relay loses its lanes at once.
+    let started = Instant::now();
+    while relays
+        .iter()
+        .map(|r| r.stats.published.load(Ordering::Relaxed))
+        .sum::<u64>()
+        < 100
+    {
+        assert!(started.elapsed() < deadline(30), "nothing published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let terminated: Option<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         GROUP BY pid ORDER BY count(*) DESC LIMIT 1",
+    )
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(terminated, Some(true), "a lane-lock session was terminated");
+    assert!(!writer.is_finished(), "mid-run");
+    writer.await.unwrap();
+    wait_count(
+        &db.pool,
+        "SELECT count(*) FROM tidings_outbox",
+        0,
+        deadline(60),
+    )
+    .await;
+    let owned: u64 = relays
+        .iter()
+        .map(|r| r.stats.lanes.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(
+        owned,
+        u64::from(tidings::store::OUTBOX_LANES),
+        "every lane owned again"
+    );
+    let total = aggregates * per;
+    let received = consume(&topic, total, Duration::from_secs(2), deadline(60)).await;
+    let expected: BTreeMap<String, u64> = (0..aggregates)
+        .map(|i| (format!("J-{i:02}"), per as u64))
+        .collect();
+    let duplicates = check_streams(&received, &expected);
+    println!(
+        "lock session lost mid-run: {total} events, none missing or out of order, {duplicates} duplicates"
+    );
+    for relay in relays {
+        relay.stop_within(deadline(15)).await;
+    }
 }

@@ -1131,3 +1131,44 @@ async fn a_command_that_yields_no_event_commits_nothing_and_returns_the_current_
     assert_eq!(fresh.sequence, 0, "a stream that does not exist stays at 0");
     assert_eq!(count_rows(&db, "tidings_events").await, 3);
 }
+
+#[tokio::test]
+async fn the_cache_holds_no_more_than_its_capacity() {
+    // The bound is enforced as the cache maintains itself (moka), so it
+    // may be passed for a moment: checked over many more aggregates than it
+    // holds.
+    let (capacity, aggregates) = (10, 300);
+    let db = TestDb::new().await;
+    let store = Store::with_config(
+        db.pool.clone(),
+        StoreConfig::default().cache_capacity(capacity),
+    );
+    for i in 0..aggregates {
+        store
+            .execute::<Ledger>(&format!("L-{i}"), (1, 1))
+            .await
+            .unwrap();
+    }
+    // Rewritten behind the store's back: only a load sees it.
+    sqlx::query("UPDATE tidings_events SET payload = '{\"amount\": 100, \"by\": 1}'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut kept = 0;
+    for i in 0..aggregates {
+        let after = store
+            .execute::<Ledger>(&format!("L-{i}"), (1, 1))
+            .await
+            .unwrap();
+        if after.state.balance == 2 {
+            kept += 1;
+        } else {
+            assert_eq!(after.state.balance, 101, "loaded from the database");
+        }
+    }
+    println!("a cache of {capacity} served {kept} of {aggregates} aggregates");
+    assert!(
+        kept <= 3 * capacity,
+        "a cache of {capacity} kept {kept} of {aggregates} aggregates"
+    );
+}
