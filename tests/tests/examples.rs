@@ -576,8 +576,9 @@ fn secret_kafka_properties_never_reach_the_logs() {
     drop(db);
 }
 
-/// Partitions of `topic` (`None` when the cluster does not have it).
-fn partitions_of(topic: &str) -> Option<usize> {
+/// Partitions of `topic` and replicas of its first partition (`None` when
+/// the cluster does not have it).
+fn partitions_of(topic: &str) -> Option<(usize, usize)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let client: BaseConsumer = tidings_tests::kafka_config().create().unwrap();
     let metadata = client
@@ -587,7 +588,7 @@ fn partitions_of(topic: &str) -> Option<usize> {
         .topics()
         .iter()
         .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().len())
+        .map(|t| (t.partitions().len(), t.partitions()[0].replicas().len()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -635,8 +636,20 @@ async fn relay_flags_create_topics_as_told_or_leave_them_alone() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    // --partitions 3: created with 3 partitions, and the row goes out.
-    let mut child = relay(&["--partitions", "3"]);
+    // --partitions 3 (and the other settings, each taken): created with 3
+    // partitions of 1 replica, and the row goes out.
+    let mut child = relay(&[
+        "--partitions",
+        "3",
+        "--replication",
+        "1",
+        "--pipeline-depth",
+        "1",
+        "--batch-size",
+        "1",
+        "--delivery-timeout-secs",
+        "5",
+    ]);
     let started = std::time::Instant::now();
     while depth().await > 0 {
         assert!(
@@ -651,6 +664,6 @@ async fn relay_flags_create_topics_as_told_or_leave_them_alone() {
         tokio::task::spawn_blocking(move || partitions_of(&topic))
             .await
             .unwrap(),
-        Some(3)
+        Some((3, 1))
     );
 }
