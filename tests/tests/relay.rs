@@ -657,3 +657,43 @@ async fn topics_the_relay_creates_keep_their_whole_history() {
     );
     assert_eq!(value("retention.bytes"), "-1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_in_the_appending_transaction_notifies_and_relays_still_wake_at_once() {
+    let db = TestDb::new().await;
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'tidings_outbox'::regclass AND NOT tgisinternal",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(triggers, 0, "no trigger fires in the appending transaction");
+    let store = prefixed_store(&db);
+    // Poll only every 30 s once idle: anything faster is a wake.
+    let (stop, relay) = spawn_relay(&db, relay_config().poll_interval(Duration::from_secs(30)));
+    store
+        .execute::<Order>("ORD-0", create("ORD-0"))
+        .await
+        .unwrap();
+    wait_outbox_empty(&db, Duration::from_secs(20)).await; // topic creation on first use
+    tokio::time::sleep(Duration::from_secs(2)).await; // idle: the poll backed off
+    // A command in the caller's own transaction: its wake comes before the
+    // caller commits, 100 ms later; the faster polls after it find the row.
+    let mut tx = db.pool.begin().await.unwrap();
+    store
+        .execute_in::<Order>(&mut tx, "ORD-1", create("ORD-1"), &EventContext::new())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx.commit().await.unwrap();
+    let committed = Instant::now();
+    wait_outbox_empty(&db, Duration::from_secs(5)).await;
+    let latency = committed.elapsed();
+    println!("idle relay, caller's transaction: commit to published in {latency:?}");
+    assert!(
+        latency < Duration::from_secs(2),
+        "found by the polls after the wake, not the 30 s poll: {latency:?}"
+    );
+    stop.send(()).unwrap();
+    relay.await.unwrap().unwrap();
+}

@@ -65,11 +65,16 @@
 //!
 //! # Latency
 //!
-//! The store's outbox trigger issues one `NOTIFY tidings_outbox` per
-//! inserting statement (not per row); the relay `LISTEN`s and reads at once,
-//! even while earlier batches await their acknowledgements, and polls every
-//! [`RelayConfig::poll_interval`] as a fallback. Under load it takes full
-//! batches and does not wait.
+//! Nothing runs in the appending transaction to wake the relay (a `NOTIFY`
+//! there would serialise every writer's commit). The store sends a
+//! coalesced `NOTIFY tidings_outbox` of its own after its commits (see
+//! [`crate::Store::notify_relays`]); the relay `LISTEN`s and reads at once,
+//! even while earlier batches await their acknowledgements. It also polls:
+//! 5 ms after a wake or a read that found rows, doubling while reads find
+//! nothing, up to [`RelayConfig::poll_interval`]; so commits made in the
+//! caller's own transactions (`execute_in`, `append`, whose wake comes
+//! before the caller commits) are found within milliseconds too. Under load
+//! it takes full batches and does not wait.
 //!
 //! Requires PostgreSQL 14 or later (the rows in flight are left out of each
 //! read with an `int8multirange`).
@@ -102,8 +107,8 @@ use settle::{Deleting, Settled};
 pub use config::{RelayConfig, RelayStats};
 pub use dead::{DeadRow, dead_rows, retry_dead_rows};
 
-/// The channel the outbox trigger notifies.
-pub const OUTBOX_CHANNEL: &str = "tidings_outbox";
+/// The channel the store wakes relays on (see [`crate::Store::notify_relays`]).
+pub const OUTBOX_CHANNEL: &str = crate::store::OUTBOX_CHANNEL;
 
 /// Runs `work` with a deadline; a silent server or network becomes
 /// [`Error::Timeout`] instead of a wait of minutes.
@@ -151,7 +156,18 @@ pub struct Relay {
     unsettled: HashSet<Stream>,
     /// Cancelled when shutdown is asked for.
     stop: CancellationToken,
+    /// How long the relay waits before polling again when nothing wakes it:
+    /// short right after a wake or a read that found rows, doubling while
+    /// reads come back empty, up to [`RelayConfig::poll_interval`].
+    idle_poll: Duration,
+    /// Rows the last read found.
+    last_read_rows: usize,
 }
+
+/// The shortest wait between polls, right after a wake or a read that
+/// found rows: a commit that follows its wake (a transaction of the
+/// caller's) is found within milliseconds.
+const MIN_POLL: Duration = Duration::from_millis(5);
 
 /// What the relay does next.
 enum Step {
@@ -201,6 +217,8 @@ impl Relay {
             blocked: HashSet::new(),
             unsettled: HashSet::new(),
             stop: CancellationToken::new(),
+            idle_poll: MIN_POLL,
+            last_read_rows: 0,
         })
     }
 
@@ -311,7 +329,7 @@ impl Relay {
                     self.config.rebalance_interval.saturating_sub(t.elapsed())
                 })
                 .max(Duration::from_millis(1));
-            let poll = self.config.poll_interval;
+            let poll = self.idle_poll.min(self.config.poll_interval);
             let expiry = self
                 .in_flight
                 .front()
@@ -337,7 +355,9 @@ impl Relay {
                     () = std::future::ready(()), if can_read && more => Step::Read,
                     () = stop.cancelled() => Step::Idle,
                     notified = wait_notification(&mut listener), if can_read => {
-                        if !notified {
+                        if notified {
+                            self.idle_poll = MIN_POLL;
+                        } else {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                         Step::Read
@@ -370,6 +390,13 @@ impl Relay {
                 .await
                 .map(|full| {
                     more = full;
+                    // Adaptive polling: soon again after rows (more may be
+                    // committing), backing off while reads find nothing.
+                    self.idle_poll = if self.last_read_rows > 0 {
+                        MIN_POLL
+                    } else {
+                        (self.idle_poll * 2).min(self.config.poll_interval)
+                    };
                     // Nothing to publish is progress too (a healthy idle relay).
                     if self.in_flight.is_empty() {
                         last_progress = Instant::now();

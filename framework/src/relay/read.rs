@@ -207,6 +207,7 @@ impl Relay {
             )));
         }
         let mut unavailable = None;
+        self.last_read_rows = rows.len();
         tracing::Span::current().record("rows", rows.len());
         tracing::debug!(rows = rows.len(), "relay: read");
         if !rows.is_empty() {
