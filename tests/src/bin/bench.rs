@@ -178,12 +178,15 @@ async fn append_tidings(
 }
 
 /// The same rows with plain sqlx: per command, one transaction inserting the
-/// events and the outbox rows (set-based, as a careful hand-written outbox would).
+/// events and (with `outbox`) the outbox rows, set-based, as a careful
+/// hand-written outbox would; without `outbox`, what event stores without
+/// one write.
 async fn append_raw(
     pool: &PgPool,
     writers: usize,
     per: usize,
     commands: usize,
+    outbox: bool,
 ) -> Result<f64, BoxError> {
     let started = Instant::now();
     let tasks: Vec<_> = (0..writers)
@@ -212,18 +215,20 @@ async fn append_raw(
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| e.to_string())?;
-                    sqlx::query(
-                        "INSERT INTO tidings_outbox (lane, topic, message_key, aggregate_type, aggregate_id, sequence, \
-                         event_id, event_type, event_version, envelope) \
-                         SELECT 0, 'counter', $1, 'counter', $1, s, e, 'Recorded', 1, p FROM UNNEST($2::uuid[], $3::bigint[], $4::text[]) AS t(e, s, p)",
-                    )
-                    .bind(&id)
-                    .bind(&ids)
-                    .bind(&seqs)
-                    .bind(&payloads)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    if outbox {
+                        sqlx::query(
+                            "INSERT INTO tidings_outbox (lane, topic, message_key, aggregate_type, aggregate_id, sequence, \
+                             event_id, event_type, event_version, envelope) \
+                             SELECT 0, 'counter', $1, 'counter', $1, s, e, 'Recorded', 1, p FROM UNNEST($2::uuid[], $3::bigint[], $4::text[]) AS t(e, s, p)",
+                        )
+                        .bind(&id)
+                        .bind(&ids)
+                        .bind(&seqs)
+                        .bind(&payloads)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    }
                     tx.commit().await.map_err(|e| e.to_string())?;
                 }
                 Ok::<_, String>(())
@@ -234,6 +239,130 @@ async fn append_raw(
         task.await??;
     }
     Ok((commands / writers * writers) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `Store::execute` from 16 writers on 8 shared aggregates: conflicts, retried.
+async fn append_tidings_hot(pool: &PgPool, commands: usize) -> Result<(f64, u64), BoxError> {
+    let store = Store::new(pool.clone());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..16)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut retries = 0u64;
+                for c in 0..commands / 16 {
+                    let id = format!("hot-{}", (w + c) % 8);
+                    let committed = store
+                        .execute::<Counter>(&id, 1)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    retries += u64::from(committed.retries);
+                }
+                Ok::<_, String>(retries)
+            })
+        })
+        .collect();
+    let mut retries = 0;
+    for task in tasks {
+        retries += task.await??;
+    }
+    Ok((
+        (commands / 16 * 16) as f64 / started.elapsed().as_secs_f64(),
+        retries,
+    ))
+}
+
+/// The raw writer on the same 8 hot aggregates, with the store's retry
+/// policy: read the stream's last sequence, insert the next event and its
+/// outbox row; on a unique violation roll back, back off (2 ms doubling to
+/// 200 ms, jittered) and try again.
+async fn append_raw_hot(pool: &PgPool, commands: usize) -> Result<(f64, u64), BoxError> {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..16)
+        .map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut retries = 0u64;
+                for c in 0..commands / 16 {
+                    let id = format!("rawhot-{}", (w + c) % 8);
+                    let mut attempt = 0u32;
+                    loop {
+                        let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+                        let last: i64 = sqlx::query_scalar(
+                            "SELECT coalesce(max(sequence), 0) FROM tidings_events \
+                             WHERE aggregate_type = 'counter' AND aggregate_id = $1",
+                        )
+                        .bind(&id)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                        let event = uuid::Uuid::now_v7();
+                        let payload = format!(r#"{{"n":{},"note":"benchmark payload"}}"#, last + 1);
+                        let inserted = sqlx::query(
+                            "WITH e AS (INSERT INTO tidings_events (event_id, aggregate_type, aggregate_id, sequence, \
+                             event_type, event_version, recorded_at, payload) \
+                             VALUES ($1, 'counter', $2, $3, 'Recorded', 1, now(), $4::jsonb) RETURNING 1) \
+                             INSERT INTO tidings_outbox (lane, topic, message_key, aggregate_type, aggregate_id, sequence, \
+                             event_id, event_type, event_version, envelope) \
+                             SELECT 0, 'counter', $2, 'counter', $2, $3, $1, 'Recorded', 1, $4 FROM e",
+                        )
+                        .bind(event)
+                        .bind(&id)
+                        .bind(last + 1)
+                        .bind(&payload)
+                        .execute(&mut *tx)
+                        .await;
+                        let done = match inserted {
+                            Ok(_) => tx.commit().await.map(|_| true),
+                            Err(e) => Err(e),
+                        };
+                        match done {
+                            Ok(_) => break,
+                            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+                                retries += 1;
+                                let cap = Duration::from_millis(2)
+                                    .saturating_mul(1 << attempt.min(16))
+                                    .min(Duration::from_millis(200));
+                                tokio::time::sleep(cap.mul_f64(fastrand::f64())).await;
+                                attempt += 1;
+                            }
+                            Err(e) => return Err(e.to_string()),
+                        }
+                    }
+                }
+                Ok::<_, String>(retries)
+            })
+        })
+        .collect();
+    let mut retries = 0;
+    for task in tasks {
+        retries += task.await??;
+    }
+    Ok((
+        (commands / 16 * 16) as f64 / started.elapsed().as_secs_f64(),
+        retries,
+    ))
+}
+
+/// Puts back (or removes) the NOTIFY trigger earlier versions had in every
+/// appending transaction, to measure what its removal changed.
+async fn old_notify_trigger(pool: &PgPool, present: bool) -> Result<(), BoxError> {
+    if present {
+        pool.execute(
+            "CREATE OR REPLACE FUNCTION tidings_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN PERFORM pg_notify('tidings_outbox', ''); RETURN NULL; END $$; \
+             CREATE TRIGGER tidings_outbox_notify AFTER INSERT ON tidings_outbox \
+             FOR EACH STATEMENT EXECUTE FUNCTION tidings_outbox_notify();",
+        )
+        .await?;
+    } else {
+        pool.execute(
+            "DROP TRIGGER IF EXISTS tidings_outbox_notify ON tidings_outbox; \
+             DROP FUNCTION IF EXISTS tidings_outbox_notify();",
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 fn order_envelope(i: usize) -> RawEnvelope {
@@ -483,7 +612,9 @@ async fn main() -> Result<(), BoxError> {
         for writers in [1, 4, 16] {
             for per in [1, 10] {
                 reset(&pool).await?;
-                let raw = append_raw(&pool, writers, per, args.commands).await?;
+                let raw = append_raw(&pool, writers, per, args.commands, true).await?;
+                reset(&pool).await?;
+                let events_only = append_raw(&pool, writers, per, args.commands, false).await?;
                 reset(&pool).await?;
                 let ours = append_tidings(&pool, writers, per, args.commands).await?;
                 figures.push(Figure {
@@ -492,9 +623,46 @@ async fn main() -> Result<(), BoxError> {
                     tidings: ours,
                     baseline: Some(raw),
                 });
-                eprintln!("append w={writers} e={per}: {ours:.0} vs raw {raw:.0} commands/s");
+                figures.push(Figure {
+                    name: format!(
+                        "append {writers} writers x {per} events/command, raw events only"
+                    ),
+                    unit: "commands/s".into(),
+                    tidings: ours,
+                    baseline: Some(events_only),
+                });
+                eprintln!(
+                    "append w={writers} e={per}: {ours:.0} vs raw {raw:.0} (events only {events_only:.0}) commands/s"
+                );
             }
         }
+        reset(&pool).await?;
+        let (raw, raw_retries) = append_raw_hot(&pool, args.commands).await?;
+        reset(&pool).await?;
+        let (ours, retries) = append_tidings_hot(&pool, args.commands).await?;
+        figures.push(Figure {
+            name: "append 16 writers on 8 hot aggregates (conflicts retried)".into(),
+            unit: "commands/s".into(),
+            tidings: ours,
+            baseline: Some(raw),
+        });
+        eprintln!(
+            "append hot: {ours:.0} ({retries} retries) vs raw {raw:.0} ({raw_retries} retries) commands/s"
+        );
+        // What the NOTIFY trigger of earlier versions cost, in the same run.
+        reset(&pool).await?;
+        old_notify_trigger(&pool, true).await?;
+        let raw = append_raw(&pool, 16, 1, args.commands, true).await?;
+        reset(&pool).await?;
+        let ours = append_tidings(&pool, 16, 1, args.commands).await?;
+        old_notify_trigger(&pool, false).await?;
+        figures.push(Figure {
+            name: "append 16 writers x 1 event/command, with the old NOTIFY trigger".into(),
+            unit: "commands/s".into(),
+            tidings: ours,
+            baseline: Some(raw),
+        });
+        eprintln!("append w=16 e=1 with the old trigger: {ours:.0} vs raw {raw:.0} commands/s");
     }
 
     let prefix = format!("{}.", unique("bench"));
@@ -628,6 +796,14 @@ async fn main() -> Result<(), BoxError> {
             for (name, v) in [("p50", p50), ("p95", p95), ("p99", p99)] {
                 figures.push(Figure {
                     name: format!("end to end {name} at {offered:.0} commands/s"),
+                    unit: "ms".into(),
+                    tidings: v,
+                    baseline: None,
+                });
+            }
+            for (name, v) in [("p50", legs[0]), ("p99", legs[1])] {
+                figures.push(Figure {
+                    name: format!("commit to produced {name} at {offered:.0} commands/s"),
                     unit: "ms".into(),
                     tidings: v,
                     baseline: None,
