@@ -7,10 +7,13 @@
 //!   lock from a notifying transaction's commit until its commit record is
 //!   flushed, so notifying transactions commit one at a time and lose group
 //!   commit. The wake is a `NOTIFY` of its own, sent after the commit.
-//! - **Coalesced.** One task per store sends the wakes, one at a time: the
-//!   commits that happen while one is on its way are covered by the next,
-//!   so a store sends at most one `NOTIFY` per round trip, whatever its
-//!   command rate.
+//! - **Coalesced and spaced.** One task per store sends the wakes, one at a
+//!   time and at least [`SPACING`] apart: the commits in between are covered
+//!   by the next one, so a store sends at most 100 `NOTIFY`s a second
+//!   whatever its command rate (each is a transaction of its own, and
+//!   notifying transactions commit one at a time). The first commit after a
+//!   quiet spell is woken for at once; under load the relays are busy
+//!   reading anyway.
 //! - **A wake is a hint.** A lost wake (the database away, no relay
 //!   listening) costs latency, never an event: the relay also polls, faster
 //!   right after a wake or a read that found rows (see the relay's docs).
@@ -23,6 +26,9 @@ use tokio::sync::Notify;
 
 /// The channel relays `LISTEN` on.
 pub const OUTBOX_CHANNEL: &str = "tidings_outbox";
+
+/// The least time between two wakes of one store.
+pub(crate) const SPACING: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Sends coalesced wakes for one store (shared by its clones).
 pub(crate) struct Waker {
