@@ -104,5 +104,7 @@ async fn send_wakes(shared: Arc<Shared>) {
                 "store: a relay wake could not be sent; relays find the rows by polling"
             );
         }
+        // Commits meanwhile leave one permit: the next wake, after the spacing.
+        tokio::time::sleep(SPACING).await;
     }
 }
