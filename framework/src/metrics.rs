@@ -286,6 +286,20 @@ impl Metrics {
                 .collect();
             metric(name, "counter", help, samples);
         }
+        metric(
+            "tidings_projection_assigned_partitions",
+            "gauge",
+            "Partitions the runner owns now.",
+            runners
+                .iter()
+                .map(|(p, _, s)| {
+                    (
+                        format!("{{projection=\"{p}\"}}"),
+                        s.assigned.load(Ordering::Relaxed) as f64,
+                    )
+                })
+                .collect(),
+        );
         // Parked and dead letters from PostgreSQL alone: known while the
         // broker is away.
         let mut parked = Vec::new();

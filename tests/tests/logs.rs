@@ -38,11 +38,15 @@ async fn a_runner_logs_a_bounded_number_of_lines_while_the_broker_is_away() {
         .topic_prefix(format!("{}.", tidings_tests::unique("t")))
         .max_backoff(Duration::from_secs(1));
     let runner = Runner::new(db.pool.clone(), CounterView, config).unwrap();
+    let stats = runner.stats();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(runner.run(async move {
         let _ = stopped.await;
     }));
-    tokio::time::sleep(Duration::from_secs(3)).await; // consuming
+    tidings_tests::wait_until("consuming", Duration::from_secs(30), async || {
+        stats.assigned.load(Ordering::Relaxed) > 0
+    })
+    .await;
     let before = warnings.load(Ordering::Relaxed);
     broker.kill();
     let outage = Duration::from_secs(8);

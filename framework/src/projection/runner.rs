@@ -180,6 +180,8 @@ pub struct RunnerStats {
     pub retries: AtomicU64,
     /// Batches committed.
     pub batches: AtomicU64,
+    /// Partitions this runner owns now.
+    pub assigned: AtomicU64,
     /// Partitions taken from this runner by rebalances (with cooperative
     /// rebalancing, only those that move to another member).
     pub revoked: AtomicU64,
@@ -205,6 +207,7 @@ impl Default for RunnerStats {
             dead_lettered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             batches: AtomicU64::new(0),
+            assigned: AtomicU64::new(0),
             revoked: AtomicU64::new(0),
             stopped_partitions: AtomicU64::new(0),
             dead_letters_sent: AtomicU64::new(0),
@@ -519,6 +522,9 @@ impl<P: Projection> Runner<P> {
                     Change::Revoked(list) => {
                         tracing::info!(projection = name, partitions = ?list, "projection: partitions revoked");
                         self.stats.revoked.fetch_add(list.len() as u64, Ordering::Relaxed);
+                        let _ = self.stats.assigned.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            Some(n.saturating_sub(list.len() as u64))
+                        });
                         for key in list {
                             // Dropping the sender lets the worker finish its batch and stop.
                             workers.remove(&key);
@@ -527,6 +533,7 @@ impl<P: Projection> Runner<P> {
                     }
                     Change::Assigned(list) => {
                         tracing::info!(projection = name, partitions = ?list, "projection: partitions assigned");
+                        self.stats.assigned.fetch_add(list.len() as u64, Ordering::Relaxed);
                         unsought.extend(list);
                         seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &self.stats).await;
                     }
@@ -600,6 +607,7 @@ impl<P: Projection> Runner<P> {
             let _ = handle.await;
         }
         consumer.unsubscribe();
+        self.stats.assigned.store(0, Ordering::Relaxed);
         Ok(end)
     }
 }
