@@ -148,3 +148,54 @@ pub fn spawn_runner<P: Projection>(
     }));
     (stop, task)
 }
+
+/// The gauge view with a check of the test's choosing run before each
+/// event: a transient error, a permanent refusal or a panic.
+pub struct GaugeWith<F>(pub F);
+
+impl<F> std::fmt::Debug for GaugeWith<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GaugeWith").finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl<F> Projection for GaugeWith<F>
+where
+    F: Fn(&Envelope<GaugeEvent>) -> Result<(), ApplyError> + Send + Sync + 'static,
+{
+    type Event = GaugeEvent;
+
+    fn name(&self) -> &str {
+        GaugeView.name()
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &Envelope<GaugeEvent>,
+    ) -> Result<(), ApplyError> {
+        (self.0)(envelope)?;
+        GaugeView.apply(conn, envelope).await
+    }
+
+    async fn reset(&self, conn: &mut PgConnection) -> Result<(), ApplyError> {
+        GaugeView.reset(conn).await
+    }
+}
+
+/// Runs `projection` on the gauges of `prefix` (default settings) until the
+/// sender is fired.
+pub fn gauge_runner<P: Projection>(
+    db: &TestDb,
+    prefix: &str,
+    projection: P,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<tidings::Result<()>>,
+) {
+    let config =
+        tidings::projection::RunnerConfig::new(tidings::kafka::KafkaConfig::new(crate::brokers()))
+            .topic_prefix(prefix);
+    spawn_runner(Runner::new(db.pool.clone(), projection, config).unwrap())
+}

@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
+use tidings::Envelope;
 use tidings::kafka::KafkaConfig;
+use tidings::projection::ApplyError;
 use tidings::projection::{Runner, RunnerConfig, list_parked, redrive_stream};
 use tidings_tests::gauges::{
-    GaugeView, create_gauge_view, one_partition_topic, produce, spawn_runner, v1, v1_padded,
+    GaugeEvent, GaugeView, GaugeWith, create_gauge_view, gauge_runner, one_partition_topic,
+    produce, spawn_runner, v1, v1_padded,
 };
 use tidings_tests::{TestDb, brokers, consume, create_topic_named, wait_until};
 
@@ -189,8 +192,7 @@ async fn sequences_of_zero_or_beyond_i64_are_dead_lettered_not_skipped() {
     produce(&producer, &topic, "g-1", &v1("g-1", 0, "1")).await;
     produce(&producer, &topic, "g-2", &v1("g-2", u64::MAX, "1")).await;
     produce(&producer, &topic, "g-3", &v1("g-3", 1, "1")).await;
-    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    let (stop, task) = gauge_runner(&db, &prefix, GaugeView);
     wait_until("g-3 applies", Duration::from_secs(30), async || {
         events_of(&db, "g-3").await == 1
     })
@@ -215,8 +217,7 @@ async fn an_applied_duplicate_that_no_longer_decodes_does_not_park_its_stream() 
     // Sequence 1 again, as the relay republishes it, but unreadable now.
     produce(&producer, &topic, "g-1", &poison("g-1", 1, 0)).await;
     produce(&producer, &topic, "g-1", &v1("g-1", 2, "6")).await;
-    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    let (stop, task) = gauge_runner(&db, &prefix, GaugeView);
     wait_until(
         "g-1's second event applies",
         Duration::from_secs(30),
@@ -230,31 +231,11 @@ async fn an_applied_duplicate_that_no_longer_decodes_does_not_park_its_stream() 
 }
 
 /// The gauges, panicking while applying gauge `g-1`.
-struct Panicky;
-
-#[async_trait::async_trait]
-impl tidings::projection::Projection for Panicky {
-    type Event = tidings_tests::gauges::GaugeEvent;
-
-    fn name(&self) -> &str {
-        "gauge_view"
-    }
-
-    async fn apply(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        envelope: &tidings::Envelope<Self::Event>,
-    ) -> Result<(), tidings::projection::ApplyError> {
+fn panicky() -> GaugeWith<impl Fn(&Envelope<GaugeEvent>) -> Result<(), ApplyError> + Send + Sync> {
+    GaugeWith(|envelope: &Envelope<GaugeEvent>| {
         assert_ne!(envelope.aggregate_id, "g-1", "g-1 is not supported");
-        GaugeView.apply(conn, envelope).await
-    }
-
-    async fn reset(
-        &self,
-        conn: &mut sqlx::PgConnection,
-    ) -> Result<(), tidings::projection::ApplyError> {
-        GaugeView.reset(conn).await
-    }
+        Ok(())
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,8 +245,7 @@ async fn a_redrive_catches_a_panic_and_keeps_the_event_parked_with_why() {
     let (prefix, topic, producer) = one_partition_topic().await;
     produce(&producer, &topic, "g-1", &v1("g-1", 1, "5")).await;
     produce(&producer, &topic, "g-1", &v1("g-1", 2, "6")).await;
-    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), Panicky, config).unwrap());
+    let (stop, task) = gauge_runner(&db, &prefix, panicky());
     wait_until("both parked", Duration::from_secs(30), async || {
         list_parked(&db.pool, Some("gauge_view"))
             .await
@@ -276,7 +256,7 @@ async fn a_redrive_catches_a_panic_and_keeps_the_event_parked_with_why() {
     .await;
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
-    let report = redrive_stream(&db.pool, &Panicky, "gauge", "g-1")
+    let report = redrive_stream(&db.pool, &panicky(), "gauge", "g-1")
         .await
         .expect("a panic while re-driving is the event's reason, not the re-drive's end");
     assert_eq!((report.applied, report.still_parked), (0, 2));
@@ -298,8 +278,7 @@ async fn a_sequence_gap_is_dead_lettered_and_its_stream_parked() {
     produce(&producer, &topic, "g-1", &v1("g-1", 3, "3")).await; // 2 is missing
     produce(&producer, &topic, "g-1", &v1("g-1", 4, "4")).await;
     produce(&producer, &topic, "g-2", &v1("g-2", 1, "1")).await;
-    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    let (stop, task) = gauge_runner(&db, &prefix, GaugeView);
     wait_until("g-2 applies", Duration::from_secs(30), async || {
         events_of(&db, "g-2").await == 1
     })
@@ -345,8 +324,7 @@ async fn a_dead_letter_too_large_to_copy_travels_without_its_value_and_says_so()
         .await
         .map_err(|(e, _)| e)
         .unwrap();
-    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    let (stop, task) = gauge_runner(&db, &prefix, GaugeView);
     let dlq = format!("{prefix}gauge_view.dlq");
     let copies = consume(&dlq, 1, Duration::from_millis(500), Duration::from_secs(60)).await;
     assert_eq!(copies.len(), 1);
@@ -370,38 +348,6 @@ async fn a_dead_letter_too_large_to_copy_travels_without_its_value_and_says_so()
     );
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
-}
-
-/// The gauges, failing transiently on gauge `g-1` until `healed`.
-struct Flaky(std::sync::Arc<std::sync::atomic::AtomicBool>);
-
-#[async_trait::async_trait]
-impl tidings::projection::Projection for Flaky {
-    type Event = tidings_tests::gauges::GaugeEvent;
-
-    fn name(&self) -> &str {
-        "gauge_view"
-    }
-
-    async fn apply(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        envelope: &tidings::Envelope<Self::Event>,
-    ) -> Result<(), tidings::projection::ApplyError> {
-        if envelope.aggregate_id == "g-1" && !self.0.load(Relaxed) {
-            return Err(tidings::projection::ApplyError::Transient(
-                "the lock timed out".into(),
-            ));
-        }
-        GaugeView.apply(conn, envelope).await
-    }
-
-    async fn reset(
-        &self,
-        conn: &mut sqlx::PgConnection,
-    ) -> Result<(), tidings::projection::ApplyError> {
-        GaugeView.reset(conn).await
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,7 +381,17 @@ async fn a_transient_error_retries_its_partition_alone_and_applies_once_healed()
     let config = RunnerConfig::new(KafkaConfig::new(brokers()))
         .topic_prefix(&prefix)
         .max_backoff(Duration::from_millis(300));
-    let runner = Runner::new(db.pool.clone(), Flaky(healed.clone()), config).unwrap();
+    // Fails transiently on gauge `g-1` until healed.
+    let flaky = {
+        let healed = std::sync::Arc::clone(&healed);
+        GaugeWith(move |envelope: &Envelope<GaugeEvent>| {
+            if envelope.aggregate_id == "g-1" && !healed.load(Relaxed) {
+                return Err(ApplyError::Transient("the lock timed out".into()));
+            }
+            Ok(())
+        })
+    };
+    let runner = Runner::new(db.pool.clone(), flaky, config).unwrap();
     let stats = runner.stats();
     let (stop, task) = spawn_runner(runner);
     wait_until(

@@ -286,6 +286,21 @@ fn schema_commands_export_and_check_against_the_lock() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// Creates orders `ORD-<i>` for each `i` of `ids`, through the store.
+async fn create_orders(store: &tidings::Store, ids: std::ops::Range<usize>) {
+    use tidings_examples::orders::{Order, OrderCommand};
+    for i in ids {
+        let id = format!("ORD-{i}");
+        let create = OrderCommand::Create {
+            order_id: id.clone(),
+            user_id: "U".into(),
+            amount: 1.0,
+            currency: "EUR".into(),
+        };
+        store.execute::<Order>(&id, create).await.unwrap();
+    }
+}
+
 /// Sends SIGTERM and waits for the process to exit on its own.
 fn terminate(
     child: &mut std::process::Child,
@@ -311,7 +326,6 @@ fn terminate(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_and_a_runner_stop_cleanly_on_sigterm() {
-    use tidings_examples::orders::{Order, OrderCommand};
     use tidings_examples::summary::OrderSummary;
     let db = TestDb::new().await;
     OrderSummary::default()
@@ -319,16 +333,7 @@ async fn the_relay_and_a_runner_stop_cleanly_on_sigterm() {
         .await
         .unwrap();
     let (store, prefix) = tidings_tests::store_with_prefix(&db);
-    for i in 0..20 {
-        let id = format!("ORD-{i}");
-        let create = OrderCommand::Create {
-            order_id: id.clone(),
-            user_id: "U".into(),
-            amount: 1.0,
-            currency: "EUR".into(),
-        };
-        store.execute::<Order>(&id, create).await.unwrap();
-    }
+    create_orders(&store, 0..20).await;
     let spawn = |bin: std::path::PathBuf, args: &[&str]| {
         Command::new(bin)
             .args(args)
@@ -385,23 +390,14 @@ async fn the_operator_commands_show_and_act_on_what_is_there() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use tidings::kafka::KafkaConfig;
     use tidings::projection::{Runner, RunnerConfig};
-    use tidings_examples::orders::{Order, OrderCommand};
+    use tidings_examples::orders::Order;
     use tidings_examples::summary::OrderSummary;
     let db = TestDb::new().await;
     let summary = OrderSummary::default();
     summary.create_table(&db.pool).await.unwrap();
     let (store, prefix) = tidings_tests::store_with_prefix(&db);
     let topic = store.topic_of::<Order>();
-    for i in 0..3 {
-        let id = format!("ORD-{i}");
-        let create = OrderCommand::Create {
-            order_id: id.clone(),
-            user_id: "U".into(),
-            amount: 1.0,
-            currency: "EUR".into(),
-        };
-        store.execute::<Order>(&id, create).await.unwrap();
-    }
+    create_orders(&store, 0..3).await;
     let relay = tidings::relay::Relay::new(
         db.pool.clone(),
         tidings::relay::RelayConfig::new(KafkaConfig::new(brokers())),
@@ -593,17 +589,11 @@ fn partitions_of(topic: &str) -> Option<(usize, usize)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_flags_create_topics_as_told_or_leave_them_alone() {
-    use tidings_examples::orders::{Order, OrderCommand};
+    use tidings_examples::orders::Order;
     let db = TestDb::new().await;
     let (store, _) = tidings_tests::store_with_prefix(&db);
     let topic = store.topic_of::<Order>();
-    let create = OrderCommand::Create {
-        order_id: "ORD-1".into(),
-        user_id: "U".into(),
-        amount: 1.0,
-        currency: "EUR".into(),
-    };
-    store.execute::<Order>("ORD-1", create).await.unwrap();
+    create_orders(&store, 1..2).await;
     let relay = |args: &[&str]| {
         Command::new(tidings_bin())
             .arg("relay")

@@ -10,7 +10,8 @@ use tidings::kafka::KafkaConfig;
 use tidings::projection::{ApplyError, Projection, Runner, RunnerConfig};
 use tidings::{Envelope, RawEnvelope};
 use tidings_tests::gauges::{
-    GaugeEvent, GaugeView, create_gauge_view, one_partition_topic, produce, spawn_runner, v1,
+    GaugeEvent, GaugeView, create_gauge_view, gauge_runner, one_partition_topic, produce,
+    spawn_runner, v1,
 };
 use tidings_tests::{TestDb, brokers};
 
@@ -33,8 +34,7 @@ async fn a_panic_while_decoding_dead_letters_that_event_and_drops_nothing_behind
             produce(&producer, &topic, &id, &v1(&id, sequence, &value)).await;
         }
     }
-    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    let (stop, task) = gauge_runner(&db, &prefix, GaugeView);
 
     // Every other gauge reaches its last event; G-2 stops before the poison.
     let started = Instant::now();
@@ -209,8 +209,7 @@ async fn keys_and_aggregate_ids_too_long_for_an_index_are_dead_lettered_not_retr
     for (key, value) in &messages {
         produce(&producer, &topic, key, value).await;
     }
-    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    let (stop, task) = gauge_runner(&db, &prefix, GaugeView);
     let started = Instant::now();
     loop {
         let events: i64 =
@@ -356,8 +355,7 @@ async fn a_redrive_committed_while_a_batch_waits_does_not_park_what_follows() {
     // Sequence 1 is poison, sequence 2 parks behind it.
     send(1, "poison").await;
     send(2, "2").await;
-    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    let (stop, task) = gauge_runner(&db, &prefix, GaugeView);
     let started = Instant::now();
     while tidings::projection::list_parked(&db.pool, Some("gauge_view"))
         .await
@@ -519,8 +517,7 @@ async fn a_skipped_dead_letter_is_recorded_and_its_stream_moves_on() {
     for (sequence, value) in [(1, "never a number"), (2, "2"), (3, "3")] {
         produce(&producer, &topic, "G-S", &v1("G-S", sequence, value)).await;
     }
-    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    let (stop, task) = gauge_runner(&db, &prefix, GaugeView);
     let started = Instant::now();
     let parked = loop {
         let parked = tidings::projection::list_parked(&db.pool, Some("gauge_view"))
@@ -881,8 +878,7 @@ async fn status_shows_the_lag_of_a_topic_the_projection_was_never_delivered_from
     let db = TestDb::new().await;
     create_gauge_view(&db).await;
     let (prefix, topic, producer) = one_partition_topic().await;
-    let config = RunnerConfig::new(KafkaConfig::new(brokers())).topic_prefix(&prefix);
-    let (stop, task) = spawn_runner(Runner::new(db.pool.clone(), GaugeView, config).unwrap());
+    let (stop, task) = gauge_runner(&db, &prefix, GaugeView);
     let started = Instant::now();
     while tidings::projection::registered_topics(&db.pool, "gauge_view")
         .await

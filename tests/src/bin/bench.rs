@@ -241,6 +241,22 @@ async fn append_raw(
     Ok((commands / writers * writers) as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Waits for the 16 hot writers; their rate and the conflicts they retried.
+async fn hot_rate(
+    tasks: Vec<tokio::task::JoinHandle<Result<u64, String>>>,
+    commands: usize,
+    started: Instant,
+) -> Result<(f64, u64), BoxError> {
+    let mut retries = 0;
+    for task in tasks {
+        retries += task.await??;
+    }
+    Ok((
+        (commands / 16 * 16) as f64 / started.elapsed().as_secs_f64(),
+        retries,
+    ))
+}
+
 /// `Store::execute` from 16 writers on 8 shared aggregates: conflicts, retried.
 async fn append_tidings_hot(pool: &PgPool, commands: usize) -> Result<(f64, u64), BoxError> {
     let store = Store::new(pool.clone());
@@ -262,14 +278,7 @@ async fn append_tidings_hot(pool: &PgPool, commands: usize) -> Result<(f64, u64)
             })
         })
         .collect();
-    let mut retries = 0;
-    for task in tasks {
-        retries += task.await??;
-    }
-    Ok((
-        (commands / 16 * 16) as f64 / started.elapsed().as_secs_f64(),
-        retries,
-    ))
+    hot_rate(tasks, commands, started).await
 }
 
 /// The raw writer on the same 8 hot aggregates, with the store's retry
@@ -334,14 +343,7 @@ async fn append_raw_hot(pool: &PgPool, commands: usize) -> Result<(f64, u64), Bo
             })
         })
         .collect();
-    let mut retries = 0;
-    for task in tasks {
-        retries += task.await??;
-    }
-    Ok((
-        (commands / 16 * 16) as f64 / started.elapsed().as_secs_f64(),
-        retries,
-    ))
+    hot_rate(tasks, commands, started).await
 }
 
 /// Puts back (or removes) the NOTIFY trigger earlier versions had in every
