@@ -86,18 +86,32 @@ async fn the_relay_killed_repeatedly_while_commands_stream_in() {
     };
     let mut child = spawn();
     let mut kills = 0;
+    // Commands written after the main writer finished, so that every kill
+    // lands while commands still stream in.
+    let mut extra: Option<tokio::task::JoinHandle<_>> = None;
     while !writer.is_finished() || kills < 3 {
-        // Each kill lands mid-run: this relay published since it started
-        // and rows are still waiting (more are written if none are).
+        // Each kill lands mid-run: this relay published since it started,
+        // and rows are waiting or commands are still being written (a relay
+        // that keeps up leaves the outbox empty between two commands).
         let at_spawn = published(&db.pool).await;
         let started = std::time::Instant::now();
         loop {
             tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..100))).await;
-            if published(&db.pool).await > at_spawn && outbox_depth(&db.pool).await > 0 {
+            let streaming =
+                !writer.is_finished() || extra.as_ref().is_some_and(|w| !w.is_finished());
+            if published(&db.pool).await > at_spawn
+                && (streaming || outbox_depth(&db.pool).await > 0)
+            {
                 break;
             }
-            if writer.is_finished() && outbox_depth(&db.pool).await == 0 {
-                write(&store, 30, 2, 60, Duration::from_millis(2)).await;
+            if !streaming {
+                if let Some(done) = extra.take() {
+                    done.await.unwrap();
+                }
+                let store = store.clone();
+                extra = Some(tokio::spawn(async move {
+                    write(&store, 30, 2, 60, Duration::from_millis(2)).await
+                }));
             }
             assert!(
                 started.elapsed() < Duration::from_secs(60),
@@ -115,6 +129,9 @@ async fn the_relay_killed_repeatedly_while_commands_stream_in() {
         child = spawn();
     }
     writer.await.unwrap();
+    if let Some(extra) = extra {
+        extra.await.unwrap();
+    }
     let figures = settle(&store, &brokers()).await;
     assert!(
         child.try_wait().unwrap().is_none(),
