@@ -208,6 +208,8 @@ fn the_benchmark_program_runs_at_a_tiny_size() {
             "50",
             "--seconds",
             "1",
+            "--backlog",
+            "2000",
         ])
         .arg("--json")
         .arg(&json)
@@ -218,7 +220,7 @@ fn the_benchmark_program_runs_at_a_tiny_size() {
     assert!(output.status.success(), "{}", text(&output));
     let figures: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(figures.len(), 23, "{figures:?}");
+    assert_eq!(figures.len(), 26, "{figures:?}");
     for figure in &figures {
         assert!(figure["tidings"].as_f64().unwrap() > 0.0, "{figure}");
     }

@@ -371,7 +371,6 @@ async fn invalid_topics_and_settings_are_refused_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_processes_killed_mid_batch_lose_nothing() {
     let aggregates = 50u64;
-    let per = 40u64;
     let db = TestDb::new().await;
     let store = prefixed_store(&db);
     let topic = store.topic_of::<Order>();
@@ -386,10 +385,15 @@ async fn relay_processes_killed_mid_batch_lose_nothing() {
             .map(tidings_tests::Spawned::from)
             .expect("spawning tidings relay")
     };
+    // Rounds of one event per aggregate, written until the kills are done
+    // (at least 20), so that every kill lands while commands stream in.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let store = store.clone();
+        let done = done.clone();
         tokio::spawn(async move {
-            for round in 0..per {
+            let mut round = 0;
+            while round < 20 || !done.load(std::sync::atomic::Ordering::Relaxed) {
                 for i in 0..aggregates {
                     let id = format!("ORD-{i:03}");
                     let event = tidings_examples::orders::OrderEvent::PaymentProcessed {
@@ -402,25 +406,28 @@ async fn relay_processes_killed_mid_batch_lose_nothing() {
                         .await
                         .unwrap();
                 }
-                // Long enough a run for several kills to land in it.
+                round += 1;
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
+            round
         })
     };
     let mut kills = 0;
     let mut child = spawn();
-    'killing: while !writer.is_finished() {
+    while kills < 4 {
         // Each kill lands mid-run: this relay published since it started
         // and rows are waiting.
         let at_spawn = published(&db.pool).await;
+        let started = Instant::now();
         loop {
-            tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..100))).await;
+            tokio::time::sleep(Duration::from_millis(5 + fastrand::u64(0..40))).await;
             if published(&db.pool).await > at_spawn && outbox_depth(&db.pool).await > 0 {
                 break;
             }
-            if writer.is_finished() {
-                break 'killing;
-            }
+            assert!(
+                started.elapsed() < tidings_tests::scaled(Duration::from_secs(60)),
+                "the relay never published with rows waiting"
+            );
         }
         assert!(
             child.try_wait().unwrap().is_none(),
@@ -432,8 +439,8 @@ async fn relay_processes_killed_mid_batch_lose_nothing() {
         kills += 1;
         child = spawn();
     }
-    writer.await.unwrap();
-    assert!(kills >= 4, "only {kills} kills landed mid-run");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let per = writer.await.unwrap();
     wait_outbox_empty(&db, Duration::from_secs(60)).await;
     assert!(
         child.try_wait().unwrap().is_none(),
@@ -696,4 +703,69 @@ async fn nothing_in_the_appending_transaction_notifies_and_relays_still_wake_at_
     );
     stop.send(()).unwrap();
     relay.await.unwrap().unwrap();
+}
+
+/// Index scans of the outbox and the tuples they fetched so far (all
+/// backends of this database), once the statistics show at least `scans`.
+async fn outbox_tuples_fetched(db: &TestDb, scans: i64) -> (i64, i64) {
+    let mut seen = (0, 0);
+    tidings_tests::wait_until(
+        "the outbox statistics to show the read",
+        Duration::from_secs(20),
+        async || {
+            let (idx_scan, fetched): (i64, i64) = sqlx::query_as(
+                "SELECT coalesce(idx_scan, 0), coalesce(idx_tup_fetch, 0) \
+             FROM pg_stat_user_tables WHERE relname = 'tidings_outbox'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            seen = (idx_scan, fetched);
+            idx_scan >= scans
+        },
+    )
+    .await;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_read_never_walks_the_backlog_of_other_lanes_ahead_of_its_rows() {
+    let db = TestDb::new().await;
+    // Statistics from before the backlog, as after a stall.
+    for (lanes, rows) in [(0..64, 640), (32..64, 20_000), (0..32, 100)] {
+        if rows == 20_000 {
+            sqlx::query("ANALYZE tidings_outbox")
+                .execute(&db.pool)
+                .await
+                .unwrap();
+            sqlx::query("TRUNCATE tidings_outbox")
+                .execute(&db.pool)
+                .await
+                .unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO tidings_outbox (lane, topic, message_key, aggregate_type, aggregate_id, sequence, \
+             event_id, event_type, event_version, envelope) \
+             SELECT $1 + g % $2, 't', 'A-' || g, 'a', 'A-' || g, 1, gen_random_uuid(), 'E', 1, '{}' \
+             FROM generate_series(1, $3) g",
+        )
+        .bind(lanes.start)
+        .bind(lanes.end - lanes.start)
+        .bind(rows)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let (scans, before) = outbox_tuples_fetched(&db, 0).await;
+    let own: Vec<i32> = (0..32).collect();
+    let read = tidings::relay::read_batch_for_measurement(&db.pool, &own, 500)
+        .await
+        .unwrap();
+    assert_eq!(read, 100, "the read finds the rows of its own lanes");
+    let (_, after) = outbox_tuples_fetched(&db, scans + 1).await;
+    let fetched = after - before;
+    assert!(
+        fetched < 1_000,
+        "one read of 100 rows fetched {fetched} tuples: it walked the 20000 rows of other lanes ahead"
+    );
 }

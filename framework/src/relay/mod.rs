@@ -101,6 +101,8 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 use lanes::Lanes;
 use publish::{InFlight, RelayProducer, Reports, Tracker};
+#[doc(hidden)]
+pub use read::read_batch_for_measurement;
 use read::{Row, Stream, wait_notification};
 use settle::{Deleting, Settled};
 

@@ -6,6 +6,9 @@
 //!
 //! - append: `Store::execute` vs raw sqlx inserts of the same rows, one
 //!   transaction per command, same concurrency;
+//! - outbox: one relay read of 500 rows with a backlog of other lanes
+//!   ahead of them, and with deleted rows at the head of its own lanes, vs
+//!   the single index scan in id order that earlier versions made;
 //! - relay: draining a pre-filled outbox (the `tidings relay` process) vs a
 //!   raw idempotent producer sending the same payloads;
 //! - replay: rebuilding the order summary (the `orders summary run`
@@ -38,7 +41,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// tidings benchmarks (real PostgreSQL and broker; see the module docs).
 #[derive(Debug, Parser)]
 struct Args {
-    /// Which: all, append, relay, replay, e2e.
+    /// Which: all, append, outbox, relay, replay, e2e.
     #[arg(default_value = "all")]
     which: String,
     /// Commands per append configuration.
@@ -53,6 +56,9 @@ struct Args {
     /// Seconds of the end-to-end run.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// Rows of other lanes ahead of the relay's in the outbox-read run.
+    #[arg(long, default_value_t = 300_000)]
+    backlog: usize,
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench-results.json")]
     json: PathBuf,
@@ -384,6 +390,111 @@ fn order_envelope(i: usize) -> RawEnvelope {
     }
 }
 
+/// The outbox read of earlier versions: one scan in id order over every
+/// lane, filtered. Kept here to measure the per-lane read against.
+const SINGLE_SCAN_READ: &str = "SELECT id, topic, message_key, aggregate_type, aggregate_id, event_id, event_type, \
+     event_version, headers, envelope \
+     FROM tidings_outbox o WHERE lane = ANY($1) AND NOT ((SELECT $3::int8multirange) @> id) \
+     AND NOT EXISTS (SELECT 1 FROM tidings_outbox_dead d \
+                     WHERE d.aggregate_type = o.aggregate_type AND d.aggregate_id = o.aggregate_id) \
+     ORDER BY id LIMIT $2";
+
+/// Inserts `n` outbox rows spread over `lanes`, with envelopes of the usual size.
+async fn outbox_rows(pool: &PgPool, lanes: std::ops::Range<i32>, n: usize) -> Result<(), BoxError> {
+    sqlx::query(
+        "INSERT INTO tidings_outbox (lane, topic, message_key, aggregate_type, aggregate_id, sequence, \
+         event_id, event_type, event_version, envelope) \
+         SELECT $1 + g % $2, 'bench.orders', 'O-' || g, 'order', 'O-' || g, 1, gen_random_uuid(), \
+         'OrderCreated', 2, repeat('x', 400) FROM generate_series(1, $3::int) g",
+    )
+    .bind(lanes.start)
+    .bind(lanes.end - lanes.start)
+    .bind(n as i32)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Median milliseconds of 15 reads of 500 rows of lanes 0-31, after 15
+/// more that warm the prepared plans: the relay's read and the single
+/// scan. Both must find the 500 rows.
+async fn time_reads(pool: &PgPool) -> Result<(f64, f64), BoxError> {
+    let lanes: Vec<i32> = (0..32).collect();
+    let mut ours = Vec::new();
+    let mut single = Vec::new();
+    for _ in 0..30 {
+        let started = Instant::now();
+        let n = tidings::relay::read_batch_for_measurement(pool, &lanes, 500).await?;
+        ours.push(started.elapsed().as_secs_f64() * 1e3);
+        let started = Instant::now();
+        let rows = sqlx::query(SINGLE_SCAN_READ)
+            .bind(&lanes)
+            .bind(500_i64)
+            .bind("{}")
+            .fetch_all(pool)
+            .await?;
+        single.push(started.elapsed().as_secs_f64() * 1e3);
+        if n != 500 || rows.len() != 500 {
+            return Err(format!("a read found {n} and {} rows, not 500", rows.len()).into());
+        }
+    }
+    let mut ours = ours.split_off(15);
+    let mut single = single.split_off(15);
+    ours.sort_by(f64::total_cmp);
+    single.sort_by(f64::total_cmp);
+    Ok((ours[7], single[7]))
+}
+
+/// One relay read of lanes 0-31 in three states of the outbox: a backlog
+/// of lanes 32-63 ahead (statistics from before it arrived), as many
+/// deleted rows at the head of lanes 0-31 (not vacuumed yet), and the same
+/// after a vacuum. Autovacuum is off for the run, so the states hold.
+async fn outbox_read(pool: &PgPool, backlog: usize) -> Result<Vec<Figure>, BoxError> {
+    reset(pool).await?;
+    pool.execute("ALTER TABLE tidings_outbox SET (autovacuum_enabled = false)")
+        .await?;
+    outbox_rows(pool, 0..64, 640).await?;
+    pool.execute("ANALYZE tidings_outbox").await?;
+    pool.execute("TRUNCATE tidings_outbox").await?;
+    outbox_rows(pool, 32..64, backlog).await?;
+    outbox_rows(pool, 0..32, 500).await?;
+    let ahead = time_reads(pool).await?;
+    reset(pool).await?;
+    outbox_rows(pool, 0..32, backlog / 2).await?;
+    pool.execute("DELETE FROM tidings_outbox").await?;
+    outbox_rows(pool, 0..32, 500).await?;
+    let dead = time_reads(pool).await?;
+    pool.execute("VACUUM tidings_outbox").await?;
+    let vacuumed = time_reads(pool).await?;
+    pool.execute("ALTER TABLE tidings_outbox RESET (autovacuum_enabled)")
+        .await?;
+    let figure = |name: String, (ours, single): (f64, f64)| Figure {
+        name,
+        unit: "ms".into(),
+        tidings: ours,
+        baseline: Some(single),
+    };
+    Ok(vec![
+        figure(
+            format!(
+                "outbox read of 500 rows, {backlog} rows of other lanes ahead (stale statistics), vs one scan in id order"
+            ),
+            ahead,
+        ),
+        figure(
+            format!(
+                "outbox read of 500 rows, {} deleted rows ahead in its lanes, vs one scan in id order",
+                backlog / 2
+            ),
+            dead,
+        ),
+        figure(
+            "outbox read of 500 rows, the same after vacuum, vs one scan in id order".into(),
+            vacuumed,
+        ),
+    ])
+}
+
 /// Fills the outbox with `n` OrderCreated events of `n` orders, as the store writes them.
 async fn fill_outbox(pool: &PgPool, topic: &str, n: usize) -> Result<(), BoxError> {
     for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
@@ -667,6 +778,18 @@ async fn main() -> Result<(), BoxError> {
         eprintln!("append w=16 e=1 with the old trigger: {ours:.0} vs raw {raw:.0} commands/s");
     }
 
+    if all || args.which == "outbox" {
+        for figure in outbox_read(&pool, args.backlog).await? {
+            eprintln!(
+                "{}: {:.2} vs {:.2} ms",
+                figure.name,
+                figure.tidings,
+                figure.baseline.unwrap_or_default()
+            );
+            figures.push(figure);
+        }
+    }
+
     let prefix = format!("{}.", unique("bench"));
     let topic = format!("{prefix}orders");
     let needs_topic = all || ["relay", "replay", "e2e"].contains(&args.which.as_str());
@@ -831,11 +954,16 @@ async fn main() -> Result<(), BoxError> {
     println!("| figure | tidings | raw baseline | ratio |");
     println!("|---|---|---|---|");
     for f in &figures {
-        let baseline = f
-            .baseline
-            .map_or("-".into(), |b| format!("{b:.0} {}", f.unit));
+        let precise = f.unit == "ms" || f.unit == "MB";
+        let baseline = f.baseline.map_or("-".into(), |b| {
+            if precise {
+                format!("{b:.1} {}", f.unit)
+            } else {
+                format!("{b:.0} {}", f.unit)
+            }
+        });
         let ratio = f.ratio().map_or("-".into(), |r| format!("{r:.2}"));
-        let value = if f.unit == "ms" || f.unit == "MB" {
+        let value = if precise {
             format!("{:.1} {}", f.tidings, f.unit)
         } else {
             format!("{:.0} {}", f.tidings, f.unit)
