@@ -1,4 +1,7 @@
-//! Given/when/then tests for aggregates, with no database.
+//! Testing: given/when/then for aggregates with no database, and (with the
+//! `kafka` feature) a throwaway migrated database and an embedded Kafka
+//! broker for integration tests of projections and relays
+//! ([`TestDatabase`], [`EmbeddedKafka`]).
 //!
 //! Every event given, and every event produced, is encoded to JSON and
 //! decoded back as the store would, so a payload that does not round-trip
@@ -29,6 +32,12 @@
 //!     .when(1)
 //!     .then_error(Overflow);
 //! ```
+
+#[cfg(feature = "kafka")]
+mod services;
+
+#[cfg(feature = "kafka")]
+pub use services::{EmbeddedKafka, TestDatabase};
 
 use std::fmt::Debug;
 

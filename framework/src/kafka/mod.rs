@@ -4,6 +4,7 @@
 //! through as it is (TLS, SASL, tuning). Values of properties that hold
 //! secrets never appear in `Debug` output or logs.
 
+mod embedded;
 mod topics;
 
 use std::collections::BTreeMap;
@@ -14,6 +15,7 @@ use rdkafka::ClientConfig;
 use crate::error::{Error, Result};
 
 pub use crate::names::validate_topic_name;
+pub use embedded::EmbeddedKafka;
 pub use topics::{TopicSpec, ensure_topics, ensure_topics_each};
 
 /// Broker list plus pass-through librdkafka properties.
@@ -25,6 +27,8 @@ pub struct KafkaConfig {
     /// Any librdkafka property, passed through as it is (e.g.
     /// `security.protocol`, `sasl.mechanism`, `sasl.password`, `ssl.ca.location`).
     pub properties: BTreeMap<String, String>,
+    /// Set for an [`EmbeddedKafka`]: creates topics on it.
+    pub(crate) embedded: Option<embedded::TopicCreator>,
 }
 
 /// Whether a librdkafka property holds a secret that must not be shown.
@@ -63,6 +67,7 @@ impl fmt::Debug for KafkaConfig {
         f.debug_struct("KafkaConfig")
             .field("brokers", &self.brokers)
             .field("properties", &properties)
+            .field("embedded", &self.embedded.is_some())
             .finish()
     }
 }
@@ -73,6 +78,7 @@ impl KafkaConfig {
         KafkaConfig {
             brokers: brokers.into(),
             properties: BTreeMap::new(),
+            embedded: None,
         }
     }
 

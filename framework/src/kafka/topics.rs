@@ -120,6 +120,18 @@ pub async fn ensure_topics_each(
     if missing.is_empty() {
         return outcomes;
     }
+    if let Some(creator) = &kafka.embedded {
+        // An embedded broker has no admin API: the cluster creates them.
+        for topic in missing {
+            let creator = creator.clone();
+            let (name, partitions) = (topic.clone(), spec.partitions);
+            let outcome = tokio::task::spawn_blocking(move || creator.create(&name, partitions))
+                .await
+                .unwrap_or_else(|e| Err(Error::Config(format!("creating topic `{topic}`: {e}"))));
+            outcomes.push((topic.clone(), outcome));
+        }
+        return outcomes;
+    }
     let replication = spec.replication.unwrap_or(-1);
     let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
