@@ -1,7 +1,9 @@
 //! Quick start: `scripts/dev.sh quickstart`.
 //!
-//! Runs the orders domain end to end against PostgreSQL and the broker
-//! (`DATABASE_URL`, a server URL, and `KAFKA_BROKERS`; the script sets both):
+//! Runs the orders domain end to end against PostgreSQL (`DATABASE_URL`, a
+//! server URL) and a Kafka broker: `KAFKA_BROKERS` when set, else one on
+//! 127.0.0.1:9092, else an embedded one in this process (no install needed;
+//! `KAFKA_BROKERS=embedded` asks for it):
 //! migrate a fresh `tidings_quickstart` database, issue commands (one of them
 //! inside the caller's own transaction, one refused), relay the outbox to
 //! Kafka, build the order summary read model with a projection, print it,
@@ -15,7 +17,8 @@ use sqlx::Executor;
 use tidings::projection::replay;
 use tidings::{EventContext, ExecuteError, Store, StoreConfig};
 use tidings_examples::demo::{
-    BoxError, fresh_database, kafka, spawn_projection, spawn_relay, unique_prefix, wait_until,
+    BoxError, fresh_database, quick_start_broker, spawn_projection, spawn_relay, unique_prefix,
+    wait_until,
 };
 use tidings_examples::orders::{Order, OrderCommand};
 use tidings_examples::summary::{OrderSummary, SummaryRow};
@@ -41,7 +44,9 @@ fn print_rows(rows: &[SummaryRow]) {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let kafka = kafka();
+    let broker = quick_start_broker()?;
+    println!("0. broker: {}", broker.description);
+    let kafka = broker.kafka.clone();
     let brokers = kafka.brokers.clone();
     let pool = fresh_database("tidings_quickstart").await?;
     let summary = OrderSummary::default();
@@ -163,6 +168,7 @@ async fn main() -> Result<(), BoxError> {
 
     runner.stop().await?;
     relay.stop().await?;
+    drop(broker);
     if !identical {
         return Err("the replayed read model differs".into());
     }

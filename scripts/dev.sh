@@ -7,7 +7,9 @@
 #   scripts/dev.sh status      say what runs where
 #   scripts/dev.sh env         print the environment the tests and examples use
 #   scripts/dev.sh test        up, then run the whole test suite
-#   scripts/dev.sh quickstart  up, then run the quick start
+#   scripts/dev.sh quickstart  PostgreSQL up, then the quick start (on an
+#                              embedded broker unless one answers or
+#                              KAFKA_BROKERS names one: no install)
 #
 # Settings (environment): TIDINGS_CACHE (install and run folder, default
 # ~/.cache/tidings), TIDINGS_BROKER_PORT (default 9092), TIDINGS_PG_PORT (5432).
@@ -25,6 +27,7 @@ BROKER_PID="$RUN_DIR/broker-$BROKER_PORT.pid"
 BROKER_LOG="$RUN_DIR/broker-$BROKER_PORT.log"
 
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:$PG_PORT/postgres}"
+GIVEN_KAFKA_BROKERS="${KAFKA_BROKERS:-}"
 export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:$BROKER_PORT}"
 
 say() { printf '[dev] %s\n' "$*" >&2; }
@@ -146,7 +149,17 @@ case "$cmd" in
         cargo test --workspace --locked "${@:2}"
         ;;
     quickstart)
-        pg_up; broker_up
+        # No broker install for a first run: a broker the user names, else
+        # one that answers here, else the quick start's embedded one.
+        pg_up
+        if [ -n "$GIVEN_KAFKA_BROKERS" ]; then
+            say "broker: KAFKA_BROKERS=$GIVEN_KAFKA_BROKERS"
+        elif speaks_kafka "$BROKER_PORT"; then
+            say "broker: a Kafka-protocol broker answers on 127.0.0.1:$BROKER_PORT; using it"
+        else
+            say "broker: none answers on 127.0.0.1:$BROKER_PORT; the quick start embeds one (set KAFKA_BROKERS to use yours)"
+            export KAFKA_BROKERS=embedded
+        fi
         cd "$ROOT"
         cargo run --locked -p tidings-examples --example quickstart -- "${@:2}"
         ;;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Executor, PgPool};
-use tidings::kafka::KafkaConfig;
+use tidings::kafka::{EmbeddedKafka, KafkaConfig};
 use tidings::projection::{Projection, Runner, RunnerConfig, RunnerStats};
 use tidings::relay::{Relay, RelayConfig, RelayStats};
 use tokio::sync::oneshot;
@@ -47,6 +47,61 @@ pub async fn fresh_database(name: &str) -> Result<PgPool, BoxError> {
 /// The broker of `KAFKA_BROKERS` (default `127.0.0.1:9092`).
 pub fn kafka() -> KafkaConfig {
     KafkaConfig::new(std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()))
+}
+
+/// The broker a quick start runs on, and what to say about it.
+#[derive(Debug)]
+pub struct QuickStartBroker {
+    /// Settings for the relay and the runners.
+    pub kafka: KafkaConfig,
+    /// One line saying which broker it is and why.
+    pub description: String,
+    /// The embedded broker, when that is the one: it lives as long as this.
+    pub embedded: Option<EmbeddedKafka>,
+}
+
+/// The quick start's broker: `KAFKA_BROKERS` when set (`embedded` asks for
+/// the embedded one), else a broker answering on 127.0.0.1:9092, else an
+/// embedded broker (librdkafka's mock cluster, in process), so that a first
+/// run needs no broker installed.
+pub fn quick_start_broker() -> Result<QuickStartBroker, BoxError> {
+    let given = std::env::var("KAFKA_BROKERS").unwrap_or_default();
+    let given = given.trim();
+    if !given.is_empty() && given != "embedded" {
+        return Ok(QuickStartBroker {
+            kafka: KafkaConfig::new(given),
+            description: format!("Kafka at {given} (KAFKA_BROKERS)"),
+            embedded: None,
+        });
+    }
+    let local = "127.0.0.1:9092";
+    let answers = given.is_empty()
+        && std::net::TcpStream::connect_timeout(&local.parse()?, Duration::from_millis(500))
+            .is_ok();
+    if answers {
+        return Ok(QuickStartBroker {
+            kafka: KafkaConfig::new(local),
+            description: format!(
+                "Kafka at {local} (a broker answers there; KAFKA_BROKERS picks another)"
+            ),
+            embedded: None,
+        });
+    }
+    let embedded = EmbeddedKafka::start()?;
+    let why = if given.is_empty() {
+        format!("no KAFKA_BROKERS set and no broker answers on {local}")
+    } else {
+        "KAFKA_BROKERS=embedded".to_owned()
+    };
+    Ok(QuickStartBroker {
+        kafka: embedded.config(),
+        description: format!(
+            "embedded Kafka broker (librdkafka's mock cluster, in this process) at {}: {why}; \
+             set KAFKA_BROKERS to use a real one",
+            embedded.brokers()
+        ),
+        embedded: Some(embedded),
+    })
 }
 
 /// A topic prefix unique to this run, so that each run starts from empty topics.

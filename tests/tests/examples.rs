@@ -13,13 +13,14 @@ fn text(output: &Output) -> String {
     )
 }
 
-#[test]
-fn the_quick_start_runs_end_to_end_and_its_replay_is_identical() {
+/// Runs the quick start with `KAFKA_BROKERS` set to `brokers` and checks
+/// every step; returns its output.
+fn quick_start(brokers: &str) -> String {
     let db = SpawnedDb::new("quickstart");
     let output = Command::new(example_bin("quickstart"))
         .env("TIDINGS_EXAMPLE_DATABASE", &db.name)
         .env("DATABASE_URL", database_url())
-        .env("KAFKA_BROKERS", brokers())
+        .env("KAFKA_BROKERS", brokers)
         .output()
         .expect("running the quick start");
     let all = text(&output);
@@ -41,6 +42,28 @@ fn the_quick_start_runs_end_to_end_and_its_replay_is_identical() {
         .expect("the applied count");
     assert!(
         all.contains(&format!("applied again: {applied}\n")),
+        "{all}"
+    );
+    all
+}
+
+#[test]
+fn the_quick_start_runs_end_to_end_and_its_replay_is_identical() {
+    let all = quick_start(&brokers());
+    assert!(
+        all.starts_with(&format!(
+            "0. broker: Kafka at {} (KAFKA_BROKERS)",
+            brokers()
+        )),
+        "{all}"
+    );
+}
+
+#[test]
+fn the_quick_start_runs_on_an_embedded_broker_and_says_so_first() {
+    let all = quick_start("embedded");
+    assert!(
+        all.starts_with("0. broker: embedded Kafka broker (librdkafka's mock cluster, in this process) at 127.0.0.1:"),
         "{all}"
     );
 }
