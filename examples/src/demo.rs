@@ -64,12 +64,30 @@ pub struct QuickStartBroker {
 /// the embedded one), else a broker answering on 127.0.0.1:9092, else an
 /// embedded broker (librdkafka's mock cluster, in process), so that a first
 /// run needs no broker installed.
+///
+/// Its arguments are librdkafka properties for a broker it is given, as
+/// `-X key=value` (TLS, SASL).
 pub fn quick_start_broker() -> Result<QuickStartBroker, BoxError> {
+    let mut properties = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.strip_prefix("-X") {
+            Some("") => properties.push(args.next().ok_or("-X needs key=value after it")?),
+            Some(pair) => properties.push(pair.to_owned()),
+            None => {
+                return Err(format!(
+                    "unknown argument `{arg}`: the quick start takes only -X key=value (librdkafka properties)"
+                )
+                .into());
+            }
+        }
+    }
     let given = std::env::var("KAFKA_BROKERS").unwrap_or_default();
     let given = given.trim();
     if !given.is_empty() && given != "embedded" {
         return Ok(QuickStartBroker {
-            kafka: KafkaConfig::new(given),
+            kafka: KafkaConfig::new(given)
+                .with_properties(properties.iter().map(String::as_str))?,
             description: format!("Kafka at {given} (KAFKA_BROKERS)"),
             embedded: None,
         });
@@ -80,7 +98,8 @@ pub fn quick_start_broker() -> Result<QuickStartBroker, BoxError> {
             .is_ok();
     if answers {
         return Ok(QuickStartBroker {
-            kafka: KafkaConfig::new(local),
+            kafka: KafkaConfig::new(local)
+                .with_properties(properties.iter().map(String::as_str))?,
             description: format!(
                 "Kafka at {local} (a broker answers there; KAFKA_BROKERS picks another)"
             ),
