@@ -260,6 +260,56 @@ async fn a_cached_aggregate_gone_stale_is_reloaded_not_trusted() {
 }
 
 #[tokio::test]
+async fn a_conflict_retry_reads_only_the_events_after_the_cached_state() {
+    let db = TestDb::new().await;
+    let a = Store::new(db.pool.clone());
+    let b = Store::new(db.pool.clone());
+    a.execute::<Ledger>("L-1", (10, 0)).await.unwrap(); // a caches sequence 1
+    b.execute::<Ledger>("L-1", (5, 1)).await.unwrap();
+    b.execute::<Ledger>("L-1", (3, 1)).await.unwrap();
+    // The first event can no longer be decoded: a whole load now fails, so
+    // a retry that succeeds read only what came after a's cached state.
+    sqlx::query(
+        "UPDATE tidings_events SET payload = '{\"not\": \"a deposit\"}' \
+         WHERE aggregate_id = 'L-1' AND sequence = 1",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let whole = Store::new(db.pool.clone()).load::<Ledger>("L-1").await;
+    assert!(
+        matches!(whole, Err(tidings::Error::Decode { .. })),
+        "{whole:?}"
+    );
+    let retried = a.execute::<Ledger>("L-1", (1, 2)).await.unwrap();
+    assert_eq!(retried.retries, 1, "one conflict, then the catch-up");
+    assert_eq!((retried.state.balance, retried.sequence), (19, 4));
+}
+
+#[tokio::test]
+async fn a_conflict_retry_on_a_rewritten_history_loads_the_stream_whole() {
+    let db = TestDb::new().await;
+    let a = Store::new(db.pool.clone());
+    let b = Store::new(db.pool.clone());
+    a.execute::<Ledger>("L-1", (10, 0)).await.unwrap(); // a caches sequence 1
+    // The event a's state was built from is gone (a commit lost in a
+    // failover) and the stream went on without it.
+    sqlx::query("DELETE FROM tidings_events WHERE aggregate_id = 'L-1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    b.execute::<Ledger>("L-1", (7, 1)).await.unwrap();
+    b.execute::<Ledger>("L-1", (5, 1)).await.unwrap();
+    let retried = a.execute::<Ledger>("L-1", (1, 2)).await.unwrap();
+    assert_eq!(retried.retries, 1);
+    assert_eq!(
+        (retried.state.balance, retried.sequence),
+        (13, 3),
+        "built from the stream as it is (7 + 5 + 1), not the lost 10 plus what came after"
+    );
+}
+
+#[tokio::test]
 async fn an_append_past_the_stream_end_is_a_conflict_not_a_gap() {
     let db = TestDb::new().await;
     let store = Store::new(db.pool.clone());

@@ -7,6 +7,7 @@ use crate::envelope::RawEnvelope;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::store::Loaded;
+use crate::store::cache::Head;
 
 const EVENT_COLUMNS: &str = "event_id, aggregate_type, aggregate_id, sequence, event_type, \
     event_version, recorded_at, correlation_id, causation_id, metadata, payload";
@@ -111,9 +112,58 @@ async fn snapshot<A: Aggregate>(conn: &mut PgConnection, id: &str) -> Result<Opt
 pub(crate) async fn load<A: Aggregate>(conn: &mut PgConnection, id: &str) -> Result<Loaded<A>> {
     let snapshot = snapshot::<A>(conn, id).await?;
     let from_snapshot = snapshot.is_some();
-    let (mut state, mut sequence) = snapshot.unwrap_or_default();
-    let mut head_event = None;
-    for envelope in read_events(conn, A::TYPE, id, sequence).await? {
+    let (state, sequence) = snapshot.unwrap_or_default();
+    let mut loaded = Loaded {
+        state,
+        sequence,
+        from_snapshot,
+        head_event: None,
+    };
+    apply_all(
+        &mut loaded,
+        id,
+        read_events(conn, A::TYPE, id, sequence).await?,
+    )?;
+    Ok(loaded)
+}
+
+/// Brings a state known at `head` up to date by reading only the events
+/// after it, the way a conflict's retry does: a retry on a hot aggregate
+/// reads what it missed, not the whole stream. The event at `head` is read
+/// too and must still be the one the state was built from; if the history
+/// does not go through it (a commit lost in a failover), the stream is
+/// loaded whole.
+pub(crate) async fn catch_up<A: Aggregate>(
+    conn: &mut PgConnection,
+    id: &str,
+    state: A,
+    head: Head,
+) -> Result<Loaded<A>> {
+    let mut envelopes = read_events(conn, A::TYPE, id, head.sequence.saturating_sub(1)).await?;
+    let through_head = envelopes
+        .first()
+        .is_some_and(|e| e.sequence == head.sequence && e.event_id == head.event_id);
+    if !through_head {
+        return load::<A>(conn, id).await;
+    }
+    envelopes.remove(0);
+    let mut loaded = Loaded {
+        state,
+        sequence: head.sequence,
+        from_snapshot: false,
+        head_event: Some(head.event_id),
+    };
+    apply_all(&mut loaded, id, envelopes)?;
+    Ok(loaded)
+}
+
+/// Applies stored envelopes, in order, to a loaded state.
+fn apply_all<A: Aggregate>(
+    loaded: &mut Loaded<A>,
+    id: &str,
+    envelopes: Vec<RawEnvelope>,
+) -> Result<()> {
+    for envelope in envelopes {
         let event = A::Event::decode(
             &envelope.event_type,
             envelope.event_version,
@@ -128,16 +178,11 @@ pub(crate) async fn load<A: Aggregate>(conn: &mut PgConnection, id: &str) -> Res
             ),
             source,
         })?;
-        state.apply(&event);
-        sequence = envelope.sequence;
-        head_event = Some(envelope.event_id);
+        loaded.state.apply(&event);
+        loaded.sequence = envelope.sequence;
+        loaded.head_event = Some(envelope.event_id);
     }
-    Ok(Loaded {
-        state,
-        sequence,
-        from_snapshot,
-        head_event,
-    })
+    Ok(())
 }
 
 pub(crate) async fn save_snapshot<A: Aggregate>(

@@ -127,6 +127,18 @@ impl StoreConfig {
     }
 }
 
+/// Where a command's state comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// The cached state when there is one (checked by the append).
+    Cached,
+    /// After a conflict: the cached state brought up to date with the
+    /// events after it, else a full load.
+    CatchUp,
+    /// Always a full load (inside a caller's transaction).
+    Load,
+}
+
 /// An aggregate loaded from the store: its state and the sequence of its last event.
 #[derive(Debug, Clone)]
 pub struct Loaded<A> {
@@ -307,7 +319,17 @@ impl Store {
                 .await
                 .map_err(Error::db("beginning a transaction"))?;
             let outcome = match self
-                .try_execute::<A>(&mut tx, id, command.clone(), context, attempt == 0)
+                .try_execute::<A>(
+                    &mut tx,
+                    id,
+                    command.clone(),
+                    context,
+                    if attempt == 0 {
+                        Start::Cached
+                    } else {
+                        Start::CatchUp
+                    },
+                )
                 .await
             {
                 Ok((committed, head)) => match tx.commit().await {
@@ -346,7 +368,8 @@ impl Store {
                 Err(ExecuteError::Store(Error::Conflict { .. }))
                     if attempt < self.config.max_conflict_retries =>
                 {
-                    self.cache.forget::<A>(id);
+                    // The cached state stays: the retry reads only the
+                    // events after it (and checks it is still history).
                     tokio::time::sleep(self.config.backoff_for(attempt)).await;
                     attempt += 1;
                 }
@@ -410,7 +433,7 @@ impl Store {
                 .await
                 .map_err(Error::db("creating a savepoint"))?;
             match self
-                .try_execute::<A>(&mut savepoint, id, command.clone(), context, false)
+                .try_execute::<A>(&mut savepoint, id, command.clone(), context, Start::Load)
                 .await
             {
                 Ok((mut committed, _)) => {
@@ -486,34 +509,27 @@ impl Store {
         id: &str,
         command: A::Command,
         context: &EventContext,
-        use_cache: bool,
+        start: Start,
     ) -> Result<(Committed<A>, Option<Head>), ExecuteError<A::Error>>
     where
         A::Command: Clone,
     {
-        let cached = if use_cache {
-            self.cache.get::<A>(id)
-        } else {
-            None
+        let cached = match start {
+            Start::Cached | Start::CatchUp => self.cache.get::<A>(id),
+            Start::Load => None,
         };
-        let from_cache = cached.is_some();
-        let (mut loaded, mut decision) = match cached {
-            Some((state, head)) => {
-                let loaded = Loaded {
-                    state,
-                    sequence: head.sequence,
-                    from_snapshot: false,
-                    head_event: Some(head.event_id),
-                };
-                let decision = loaded.state.handle(command.clone());
-                (loaded, decision)
-            }
-            None => {
-                let loaded = load::load::<A>(conn, id).await?;
-                let decision = loaded.state.handle(command.clone());
-                (loaded, decision)
-            }
+        let from_cache = cached.is_some() && start == Start::Cached;
+        let mut loaded = match cached {
+            Some((state, head)) if start == Start::Cached => Loaded {
+                state,
+                sequence: head.sequence,
+                from_snapshot: false,
+                head_event: Some(head.event_id),
+            },
+            Some((state, head)) => load::catch_up::<A>(conn, id, state, head).await?,
+            None => load::load::<A>(conn, id).await?,
         };
+        let mut decision = loaded.state.handle(command.clone());
         // A refusal or an empty result from a cached state reaches the
         // caller unchecked by any append: check the stream's head first and
         // decide again on a fresh load if it moved.
