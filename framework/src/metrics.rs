@@ -222,7 +222,7 @@ impl Metrics {
         );
 
         type Pick = fn(&RunnerStats) -> &std::sync::atomic::AtomicU64;
-        let counters: [(&str, &str, Pick); 10] = [
+        let counters: [(&str, &str, Pick); 11] = [
             (
                 "tidings_projection_applied_total",
                 "Events applied to the read model.",
@@ -232,6 +232,11 @@ impl Metrics {
                 "tidings_projection_skipped_total",
                 "Messages skipped as already applied.",
                 |s| &s.skipped,
+            ),
+            (
+                "tidings_projection_ignored_total",
+                "Events skipped unread by this runner (unknown types, newer versions if so configured).",
+                |s| &s.ignored,
             ),
             (
                 "tidings_projection_parked_total",
@@ -338,6 +343,28 @@ impl Metrics {
                 .collect();
             metric(name, "gauge", help, samples);
         }
+        let mut ignored = Vec::new();
+        for (projection, _, _) in &runners {
+            let counts: std::result::Result<Vec<(String, i64)>, _> = sqlx::query_as(
+                "SELECT reason, sum(events)::int8 FROM tidings_projection_ignored \
+                 WHERE projection = $1 GROUP BY reason ORDER BY reason",
+            )
+            .bind(projection)
+            .fetch_all(&self.pool)
+            .await;
+            for (reason, events) in counts.unwrap_or_default() {
+                ignored.push((
+                    format!("{{projection=\"{projection}\",reason=\"{reason}\"}}"),
+                    events as f64,
+                ));
+            }
+        }
+        metric(
+            "tidings_projection_ignored_events",
+            "gauge",
+            "Events the projection skipped unread, by reason (unknown type, newer version), since its last replay.",
+            ignored,
+        );
         if let Some(kafka) = &self.kafka {
             let mut samples = Vec::new();
             let mut known = Vec::new();

@@ -230,9 +230,12 @@ async fn bad_input_on_a_topic_is_dead_lettered_without_blocking_anyone() {
     let store = prefixed_store(&db);
     let topic = store.topic_of::<Counter>();
     let stopper = Stopper::new();
+    // An unknown type is skipped by default (tests/tests/evolution.rs);
+    // here it is bad input to dead-letter like the rest.
     let config = RunnerConfig::new(KafkaConfig::new(brokers()))
         .topic_prefix(prefix_of(&store))
-        .max_message_bytes(64 * 1024);
+        .max_message_bytes(64 * 1024)
+        .unknown_types(tidings::projection::UnknownTypes::DeadLetter);
     let runner_task = tokio::spawn(
         Runner::new(db.pool.clone(), CounterView, config)
             .unwrap()

@@ -37,10 +37,22 @@ impl Running {
 }
 
 fn start<P: Projection>(db: &TestDb, projection: P, prefix: &str) -> Running {
-    let config = RunnerConfig::new(KafkaConfig::new(brokers()))
-        .topic_prefix(prefix)
-        .batch_size(100)
-        .max_backoff(Duration::from_millis(500));
+    start_configured(db, projection, prefix, |c| c)
+}
+
+/// [`start`] with settings of the test's own on top.
+fn start_configured<P: Projection>(
+    db: &TestDb,
+    projection: P,
+    prefix: &str,
+    configure: impl FnOnce(RunnerConfig) -> RunnerConfig,
+) -> Running {
+    let config = configure(
+        RunnerConfig::new(KafkaConfig::new(brokers()))
+            .topic_prefix(prefix)
+            .batch_size(100)
+            .max_backoff(Duration::from_millis(500)),
+    );
     let runner = Runner::new(db.pool.clone(), projection, config).unwrap();
     let stats = runner.stats();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -416,13 +428,16 @@ async fn poison_events_are_dead_lettered_their_streams_parked_then_redriven_in_o
         produce(&producer, &topic, &key, &value).await;
     }
 
-    let running = start(
+    // Unknown types are skipped by default (tests/tests/evolution.rs); here
+    // they are configured to be dead-lettered like any poison.
+    let running = start_configured(
         &db,
         Strict {
             inner: summary.clone(),
             fixed: Arc::clone(&fixed),
         },
         &prefix,
+        |c| c.unknown_types(tidings::projection::UnknownTypes::DeadLetter),
     );
     let stats = Arc::clone(&running.stats);
     wait_for(

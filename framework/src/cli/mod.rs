@@ -669,6 +669,21 @@ impl Command {
                             String::new()
                         }
                     );
+                    if !status.ignored.is_empty() {
+                        println!(
+                            "  skipped unread: {} events ({})",
+                            status.ignored_events(),
+                            status
+                                .ignored
+                                .iter()
+                                .map(|i| format!(
+                                    "{} v{}: {} ({})",
+                                    i.event_type, i.event_version, i.events, i.reason
+                                ))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                    }
                     for p in &status.partitions {
                         if p.checkpoint_ahead {
                             println!(

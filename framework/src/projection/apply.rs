@@ -7,7 +7,8 @@ use sqlx::PgPool;
 use crate::envelope::{Envelope, HEADER_AGGREGATE_TYPE, RawEnvelope};
 use crate::error::Error;
 use crate::projection::dead_letters::{RawHeaders, encode_headers};
-use crate::projection::{ApplyError, Projection};
+use crate::projection::evolution::{NEWER_VERSION, UNKNOWN_TYPE};
+use crate::projection::{ApplyError, NewerVersions, Projection, UnknownTypes};
 
 /// A message as consumed, owned by the partition's worker.
 #[derive(Debug, Clone)]
@@ -50,6 +51,8 @@ impl Message {
 pub(crate) struct Outcome {
     pub(crate) applied: u64,
     pub(crate) skipped: u64,
+    /// Skipped unread by policy (unknown types, newer versions).
+    pub(crate) ignored: u64,
     pub(crate) parked: u64,
     pub(crate) dead_lettered: u64,
     /// The next offset to consume, when the batch advanced the checkpoint.
@@ -78,6 +81,8 @@ type Stream = (String, String);
 
 enum Decoded<E> {
     Event(Envelope<E>),
+    /// Not read, by policy: its sequence, type, version and why.
+    Ignored(i64, String, i32, &'static str),
     /// Why it cannot be applied, and its sequence when the envelope was readable.
     Poison(String, Option<i64>),
 }
@@ -197,6 +202,7 @@ pub(crate) async fn apply_batch<P: Projection>(
     messages: &[Message],
     poison: &HashMap<i64, String>,
     careful: bool,
+    (unknown_types, newer_versions): (UnknownTypes, NewerVersions),
 ) -> Result<Outcome, Failure> {
     let Some(first) = messages.first() else {
         return Ok(Outcome::default());
@@ -226,6 +232,7 @@ pub(crate) async fn apply_batch<P: Projection>(
                         );
                         return (stream, Decoded::Poison(reason, None));
                     };
+                    let at = sequence;
                     let sequence = Some(sequence);
                     if let Some(reason) = poison.get(&m.offset).cloned().or_else(|| oversized(&raw))
                     {
@@ -234,9 +241,15 @@ pub(crate) async fn apply_batch<P: Projection>(
                     // Decoding runs user code (typed upcasters, custom
                     // Deserialize impls): a panic there is this event's
                     // poison, never the partition's end.
+                    let (event_type, version) = (raw.event_type.clone(), raw.event_version);
                     let decoding = std::panic::AssertUnwindSafe(|| raw.decode::<P::Event>());
                     match std::panic::catch_unwind(decoding) {
                         Ok(Ok(envelope)) => (stream, Decoded::Event(envelope)),
+                        Ok(Err(e)) if let Some(why) = skipped_unread(&e, unknown_types, newer_versions) => {
+                            let ignored =
+                                Decoded::Ignored(at, clean(&event_type), version as i32, why);
+                            (stream, ignored)
+                        }
                         Ok(Err(e)) => (stream, Decoded::Poison(e.to_string(), sequence)),
                         Err(panic) => {
                             let reason = format!("decoding panicked: {}", panic_message(&*panic));
@@ -317,10 +330,12 @@ pub(crate) async fn apply_batch<P: Projection>(
 
     let mut changed: HashSet<Stream> = HashSet::new();
     let mut parked: Vec<(&Message, &Stream, Option<i64>, bool, String)> = Vec::new();
+    let mut ignored: BTreeMap<(&str, i32, &str), i64> = BTreeMap::new();
     for &(message, (stream, item)) in &fresh {
         if blocked.contains(stream) {
             let sequence = match item {
                 Decoded::Event(e) => Some(e.sequence as i64),
+                Decoded::Ignored(sequence, ..) => Some(*sequence),
                 Decoded::Poison(_, sequence) => *sequence,
             };
             let reason = "parked behind an earlier dead-lettered event of its stream".to_owned();
@@ -329,6 +344,31 @@ pub(crate) async fn apply_batch<P: Projection>(
         }
         let envelope = match item {
             Decoded::Event(envelope) => envelope,
+            // Skipped unread, by policy: its position is taken like an
+            // applied event's (duplicates skipped, gaps parked).
+            Decoded::Ignored(sequence, event_type, version, why) => {
+                let last = last_sequence.get(stream).copied().unwrap_or(0);
+                if *sequence <= last {
+                    outcome.skipped += 1;
+                } else if *sequence > last + 1 {
+                    let reason = format!(
+                        "sequence gap: expected {} of {}/{}, got {sequence}",
+                        last + 1,
+                        stream.0,
+                        stream.1
+                    );
+                    parked.push((message, stream, Some(*sequence), true, reason));
+                    blocked.insert(stream.clone());
+                } else {
+                    outcome.ignored += 1;
+                    *ignored
+                        .entry((event_type.as_str(), *version, *why))
+                        .or_insert(0) += 1;
+                    last_sequence.insert(stream.clone(), *sequence);
+                    changed.insert(stream.clone());
+                }
+                continue;
+            }
             // Already applied (a republished duplicate that no longer
             // decodes, say after a variant was removed): skipped, never a
             // reason to park an up-to-date stream.
@@ -446,6 +486,30 @@ pub(crate) async fn apply_batch<P: Projection>(
             outcome.parked += 1;
         }
     }
+    if !ignored.is_empty() {
+        let (mut types, mut versions, mut reasons, mut counts) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((event_type, version, reason), count) in &ignored {
+            types.push(*event_type);
+            versions.push(*version);
+            reasons.push(*reason);
+            counts.push(*count);
+        }
+        sqlx::query(
+            "INSERT INTO tidings_projection_ignored AS i (projection, event_type, event_version, reason, events) \
+             SELECT $1, t, v, r, n FROM UNNEST($2::text[], $3::int[], $4::text[], $5::bigint[]) AS u(t, v, r, n) \
+             ON CONFLICT (projection, event_type, event_version, reason) \
+             DO UPDATE SET events = i.events + EXCLUDED.events, last_at = now()",
+        )
+        .bind(name)
+        .bind(&types)
+        .bind(&versions)
+        .bind(&reasons)
+        .bind(&counts)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("counting the events skipped unread"))?;
+    }
     let mut types = Vec::with_capacity(changed.len());
     let mut ids = Vec::with_capacity(changed.len());
     let mut sequences = Vec::with_capacity(changed.len());
@@ -471,6 +535,24 @@ pub(crate) async fn apply_batch<P: Projection>(
     tx.commit().await.map_err(db("committing a batch"))?;
     outcome.next_offset = Some(new_next);
     Ok(outcome)
+}
+
+/// Why an event that does not decode is skipped unread under the
+/// projection's policies, if it is.
+fn skipped_unread(
+    error: &crate::DecodeError,
+    unknown_types: UnknownTypes,
+    newer_versions: NewerVersions,
+) -> Option<&'static str> {
+    match error {
+        crate::DecodeError::UnknownType { .. } if unknown_types == UnknownTypes::Skip => {
+            Some(UNKNOWN_TYPE)
+        }
+        crate::DecodeError::FutureVersion { .. } if newer_versions == NewerVersions::Skip => {
+            Some(NEWER_VERSION)
+        }
+        _ => None,
+    }
 }
 
 /// Applies one event; `Some(why)` when the projection refuses it for good

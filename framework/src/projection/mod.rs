@@ -13,11 +13,15 @@
 //!   the partition, or that runs a generation a replay has replaced, finds
 //!   its messages already applied or its generation gone, and applies nothing.
 //! - **In order per aggregate.** Events of a stream are applied in sequence
-//!   order. A poison event (not an envelope, unknown type or version, a
-//!   payload that does not decode, a permanent handler error, a sequence
-//!   gap) goes to the dead letter topic with the reason and its origin, and
+//!   order. A poison event (not an envelope, a version newer than the code
+//!   knows, a payload that does not decode, a permanent handler error, a
+//!   sequence gap) goes to the dead letter topic with the reason and its origin, and
 //!   the later events of its stream are *parked* behind it, never applied out
 //!   of order. [`redrive`] re-applies parked events in order once fixed.
+//! - **Producers deploy apart.** An event of a type the projection does
+//!   not know is skipped and counted, its stream moving on; a newer version
+//!   of a known type parks its stream. Both are configurable
+//!   ([`UnknownTypes`], [`NewerVersions`]).
 //! - **PostgreSQL decides where reading starts.** Each partition assigned
 //!   to a runner is paused, sought to its checkpoint in PostgreSQL (the
 //!   beginning when it has none) and only then resumed: a group offset ahead
@@ -50,6 +54,7 @@
 mod apply;
 mod dead_letters;
 mod dlq;
+mod evolution;
 mod runner;
 mod setup;
 mod status;
@@ -65,6 +70,7 @@ pub use dlq::{
     ParkedEvent, ParkedMessage, RedriveReport, list_parked, redrive, redrive_stream, show_parked,
     skip_dead_letter,
 };
+pub use evolution::{IgnoredEvents, NewerVersions, UnknownTypes};
 pub use runner::{Runner, RunnerConfig, RunnerStats};
 pub use setup::set_up_read_model;
 pub use status::{

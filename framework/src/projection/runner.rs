@@ -62,6 +62,12 @@ pub struct RunnerConfig {
     /// the same id within the session timeout gets its partitions back with
     /// no rebalance at all. Each running instance needs its own id.
     pub group_instance_id: Option<String>,
+    /// Events of a type the projection does not know (default: skipped,
+    /// counted; see [`super::UnknownTypes`]).
+    pub unknown_types: super::UnknownTypes,
+    /// Versions newer than the projection knows (default: parked; see
+    /// [`super::NewerVersions`]).
+    pub newer_versions: super::NewerVersions,
 }
 
 impl RunnerConfig {
@@ -76,6 +82,8 @@ impl RunnerConfig {
             generation_check: Duration::from_secs(1),
             dead_letter_topic_spec: TopicSpec::default(),
             create_topics: true,
+            unknown_types: super::UnknownTypes::default(),
+            newer_versions: super::NewerVersions::default(),
             batch_timeout: Duration::from_secs(60),
             unhealthy_after: Duration::from_secs(30),
             max_message_bytes: 1 << 20,
@@ -105,6 +113,18 @@ impl RunnerConfig {
     /// Sets [`RunnerConfig::unhealthy_after`].
     pub fn unhealthy_after(mut self, allowance: Duration) -> Self {
         self.unhealthy_after = allowance;
+        self
+    }
+
+    /// Sets [`RunnerConfig::unknown_types`].
+    pub fn unknown_types(mut self, policy: super::UnknownTypes) -> Self {
+        self.unknown_types = policy;
+        self
+    }
+
+    /// Sets [`RunnerConfig::newer_versions`].
+    pub fn newer_versions(mut self, policy: super::NewerVersions) -> Self {
+        self.newer_versions = policy;
         self
     }
 
@@ -172,6 +192,9 @@ pub struct RunnerStats {
     pub applied: AtomicU64,
     /// Messages skipped as already applied (redelivered or republished).
     pub skipped: AtomicU64,
+    /// Events skipped unread: of a type the projection does not know, or
+    /// (if so configured) of a newer version ([`RunnerConfig::unknown_types`]).
+    pub ignored: AtomicU64,
     /// Events parked behind a dead-lettered event of their stream.
     pub parked: AtomicU64,
     /// Events sent to the dead letter topic.
@@ -203,6 +226,7 @@ impl Default for RunnerStats {
             healthy: std::sync::atomic::AtomicBool::new(true),
             applied: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
+            ignored: AtomicU64::new(0),
             parked: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
@@ -899,6 +923,7 @@ async fn partition_worker<P: Projection>(
                 &batch,
                 &poison,
                 careful,
+                (config.unknown_types, config.newer_versions),
             ));
             let applied = tokio::time::timeout(
                 config.batch_timeout,
@@ -921,6 +946,7 @@ async fn partition_worker<P: Projection>(
                 Ok(outcome) => {
                     stats.applied.fetch_add(outcome.applied, Ordering::Relaxed);
                     stats.skipped.fetch_add(outcome.skipped, Ordering::Relaxed);
+                    stats.ignored.fetch_add(outcome.ignored, Ordering::Relaxed);
                     stats.parked.fetch_add(outcome.parked, Ordering::Relaxed);
                     stats
                         .dead_lettered

@@ -79,12 +79,14 @@ pub(crate) async fn lock_exclusive(conn: &mut PgConnection, name: &str) -> Resul
     Ok(())
 }
 
-/// Deletes a projection's checkpoints, stream positions and parked events.
+/// Deletes a projection's checkpoints, stream positions, parked events and
+/// counts of events skipped unread.
 pub(crate) async fn forget_positions(conn: &mut PgConnection, name: &str) -> Result<()> {
     for table in [
         "tidings_checkpoints",
         "tidings_projection_streams",
         "tidings_parked",
+        "tidings_projection_ignored",
     ] {
         sqlx::query(&format!("DELETE FROM {table} WHERE projection = $1"))
             .bind(name)
@@ -196,9 +198,17 @@ pub struct ProjectionStatus {
     /// Dead letters whose copy the dead letter topic refused for good (see
     /// `dlq list`); they stay parked in PostgreSQL.
     pub undeliverable: i64,
+    /// Events skipped unread (unknown types; newer versions if so
+    /// configured), per type, version and reason.
+    pub ignored: Vec<super::IgnoredEvents>,
 }
 
 impl ProjectionStatus {
+    /// Events skipped unread, in all.
+    pub fn ignored_events(&self) -> i64 {
+        self.ignored.iter().map(|i| i.events).sum()
+    }
+
     /// The total lag over all partitions.
     pub fn lag(&self) -> i64 {
         self.partitions.iter().map(|p| p.lag).sum()
@@ -317,6 +327,27 @@ pub async fn status_with(
     .fetch_one(pool)
     .await
     .map_err(Error::db(format!("counting the parked events of {name}")))?;
+    let ignored: Vec<(String, i32, String, i64)> = sqlx::query_as(
+        "SELECT event_type, event_version, reason, events FROM tidings_projection_ignored \
+         WHERE projection = $1 ORDER BY event_type, event_version, reason",
+    )
+    .bind(name)
+    .fetch_all(pool)
+    .await
+    .map_err(Error::db(format!(
+        "counting the events {name} skipped unread"
+    )))?;
+    let ignored = ignored
+        .into_iter()
+        .map(
+            |(event_type, event_version, reason, events)| super::IgnoredEvents {
+                event_type,
+                event_version,
+                reason,
+                events,
+            },
+        )
+        .collect();
     let watermarks = watermarks.high(&topics).await?;
 
     let mut partitions: Vec<PartitionLag> = watermarks
@@ -345,5 +376,6 @@ pub async fn status_with(
         parked,
         dead_lettered,
         undeliverable,
+        ignored,
     })
 }
