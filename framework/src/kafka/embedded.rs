@@ -16,23 +16,7 @@
 //! - **It lives as long as its value.** Dropping [`EmbeddedKafka`] stops
 //!   the cluster and its listeners; every message is in memory only.
 //!
-//! # How it differs from a real broker
-//!
-//! librdkafka documents the mock cluster as experimental; tidings' own
-//! suite runs against a real broker, and the embedded one only for the
-//! quick start and users' tests. Known differences:
-//!
-//! - no admin API: topics are created as said above; topic configs
-//!   (retention, compaction) are accepted and ignored, nothing is ever
-//!   deleted or compacted;
-//! - consumer groups work (classic protocol, offsets committed), but its
-//!   rebalances are faster and simpler than a real coordinator's;
-//!   `group.instance.id` (static membership) is not honoured;
-//! - idempotent and transactional producers are accepted, with the
-//!   sequence checks of a single in-memory log: a broker failure, a leader
-//!   change or a lost acknowledgement never happens unless injected;
-//! - timing: no disk, no network, no replication, so latencies and
-//!   throughput say nothing about a real cluster.
+//! [`EmbeddedKafka`] says where the mock differs from a real broker.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -81,8 +65,27 @@ fn gone(topic: &str) -> Error {
     ))
 }
 
-/// An in-process Kafka broker for the quick start and for tests; see the
-/// [module docs](self) for what it does and how it differs from a real one.
+/// An in-process Kafka broker for the quick start and for tests: topics
+/// that tidings creates through [`EmbeddedKafka::config`] are created on
+/// it, and it stops when dropped.
+///
+/// # How it differs from a real broker
+///
+/// librdkafka documents the mock cluster as experimental; tidings' own
+/// suite runs against a real broker, and the embedded one only for the
+/// quick start and users' tests. Known differences:
+///
+/// - no admin API: topics are created as said above; topic configs
+///   (retention, compaction) are accepted and ignored, nothing is ever
+///   deleted or compacted;
+/// - consumer groups work (classic protocol, offsets committed), but its
+///   rebalances are faster and simpler than a real coordinator's;
+///   `group.instance.id` (static membership) is not honoured;
+/// - idempotent and transactional producers are accepted, with the
+///   sequence checks of a single in-memory log: a broker failure, a leader
+///   change or a lost acknowledgement never happens unless injected;
+/// - timing: no disk, no network, no replication, so latencies and
+///   throughput say nothing about a real cluster.
 ///
 /// ```no_run
 /// # async fn demo() -> tidings::Result<()> {
