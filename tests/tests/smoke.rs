@@ -28,6 +28,7 @@ async fn migrations_create_the_tidings_tables() {
             "tidings_outbox",
             "tidings_outbox_dead",
             "tidings_parked",
+            "tidings_projection_ignored",
             "tidings_projection_streams",
             "tidings_projections",
             "tidings_snapshots"
