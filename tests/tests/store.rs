@@ -260,6 +260,51 @@ async fn a_cached_aggregate_gone_stale_is_reloaded_not_trusted() {
 }
 
 #[tokio::test]
+async fn a_creation_appends_at_the_start_and_refuses_a_stream_that_exists() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    let created = store
+        .create::<Order>("ORD-NEW", create("ORD-NEW", 12.0))
+        .await
+        .unwrap();
+    assert_eq!((created.sequence, created.envelopes.len()), (1, 1));
+    // Another process creating it again: its decision would be events,
+    // and the append finds the stream.
+    let again = Store::new(db.pool.clone())
+        .create::<Order>("ORD-NEW", create("ORD-NEW", 99.0))
+        .await;
+    assert!(
+        matches!(
+            again,
+            Err(ExecuteError::Store(Error::Conflict {
+                expected: 0,
+                actual: 1,
+                ..
+            }))
+        ),
+        "{again:?}"
+    );
+    // A decision the append never checks (a refusal on the empty state)
+    // is a conflict too: the stream exists.
+    let refused = Store::new(db.pool.clone())
+        .create::<Order>(
+            "ORD-NEW",
+            OrderCommand::Pay {
+                payment_id: "P-1".into(),
+                amount: 12.0,
+            },
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(ExecuteError::Store(Error::Conflict { .. }))),
+        "{refused:?}"
+    );
+    let stream = store.load::<Order>("ORD-NEW").await.unwrap();
+    assert_eq!(stream.sequence, 1, "nothing more was written");
+    assert_eq!(stream.state.amount, 12.0);
+}
+
+#[tokio::test]
 async fn a_conflict_retry_reads_only_the_events_after_the_cached_state() {
     let db = TestDb::new().await;
     let a = Store::new(db.pool.clone());

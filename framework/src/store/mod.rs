@@ -137,6 +137,8 @@ enum Start {
     CatchUp,
     /// Always a full load (inside a caller's transaction).
     Load,
+    /// A creation: the empty state at sequence 0, nothing loaded.
+    New,
 }
 
 /// An aggregate loaded from the store: its state and the sequence of its last event.
@@ -311,6 +313,64 @@ impl Store {
     where
         A::Command: Clone,
     {
+        self.run::<A>(id, command, context, Start::Cached).await
+    }
+
+    /// Runs a command on a stream that must not exist yet (a creation):
+    /// decides on the empty state and appends at the stream's start without
+    /// loading anything, one query fewer than [`Store::execute`]. If the
+    /// stream exists, nothing is written and the result is
+    /// [`Error::Conflict`] (with the stream's sequence as `actual`), never a
+    /// retry: a creation that finds its stream is not the same command on
+    /// another state.
+    pub async fn create<A: Aggregate>(
+        &self,
+        id: &str,
+        command: A::Command,
+    ) -> Result<Committed<A>, ExecuteError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        self.create_with(id, command, &EventContext::default())
+            .await
+    }
+
+    /// [`Store::create`] with correlation, causation and metadata for the events.
+    #[tracing::instrument(
+        name = "tidings.create",
+        skip_all,
+        fields(
+            aggregate_type = A::TYPE,
+            aggregate_id = id,
+            correlation_id = context.correlation_id.as_deref(),
+            causation_id = context.causation_id.as_deref()
+        )
+    )]
+    pub async fn create_with<A: Aggregate>(
+        &self,
+        id: &str,
+        command: A::Command,
+        context: &EventContext,
+    ) -> Result<Committed<A>, ExecuteError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        self.run::<A>(id, command, context, Start::New).await
+    }
+
+    /// Runs a command in a transaction of its own, its first attempt from
+    /// `first`, conflicts retried (except for a creation) from the cached
+    /// state caught up.
+    async fn run<A: Aggregate>(
+        &self,
+        id: &str,
+        command: A::Command,
+        context: &EventContext,
+        first: Start,
+    ) -> Result<Committed<A>, ExecuteError<A::Error>>
+    where
+        A::Command: Clone,
+    {
         let mut attempt = 0;
         loop {
             let mut tx = self
@@ -324,11 +384,7 @@ impl Store {
                     id,
                     command.clone(),
                     context,
-                    if attempt == 0 {
-                        Start::Cached
-                    } else {
-                        Start::CatchUp
-                    },
+                    if attempt == 0 { first } else { Start::CatchUp },
                 )
                 .await
             {
@@ -366,7 +422,7 @@ impl Store {
                     return Ok(committed);
                 }
                 Err(ExecuteError::Store(Error::Conflict { .. }))
-                    if attempt < self.config.max_conflict_retries =>
+                    if attempt < self.config.max_conflict_retries && first != Start::New =>
                 {
                     // The cached state stays: the retry reads only the
                     // events after it (and checks it is still history).
@@ -516,7 +572,7 @@ impl Store {
     {
         let cached = match start {
             Start::Cached | Start::CatchUp => self.cache.get::<A>(id),
-            Start::Load => None,
+            Start::Load | Start::New => None,
         };
         let from_cache = cached.is_some() && start == Start::Cached;
         let mut loaded = match cached {
@@ -527,9 +583,23 @@ impl Store {
                 head_event: Some(head.event_id),
             },
             Some((state, head)) => load::catch_up::<A>(conn, id, state, head).await?,
+            None if start == Start::New => Loaded {
+                state: A::default(),
+                sequence: 0,
+                from_snapshot: false,
+                head_event: None,
+            },
             None => load::load::<A>(conn, id).await?,
         };
         let mut decision = loaded.state.handle(command.clone());
+        // A creation whose decision no append will check (a refusal, no
+        // events) is checked here: the stream must not exist.
+        if start == Start::New
+            && decision.as_ref().map_or(true, Vec::is_empty)
+            && append::head(conn, A::TYPE, id).await?.is_some()
+        {
+            return Err(ExecuteError::Store(append::conflict(A::TYPE, id, 0)));
+        }
         // A refusal or an empty result from a cached state reaches the
         // caller unchecked by any append: check the stream's head first and
         // decide again on a fresh load if it moved.
