@@ -681,12 +681,12 @@ pub struct OwnBroker {
 
 impl OwnBroker {
     /// Starts a broker on a free loopback port with storage in a fresh database.
+    ///
+    /// The port is chosen free and released before the broker binds it, so
+    /// another process can take it in between: the broker is only taken as
+    /// started once the port's listening socket is the broker's own, and a
+    /// start that lost its port is tried again on another.
     pub async fn start() -> OwnBroker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let database = unique("broker_storage");
         let server: PgConnectOptions = database_url().parse().unwrap();
         let mut admin = server.connect().await.unwrap();
@@ -701,17 +701,38 @@ impl OwnBroker {
             server.get_port()
         );
         let mut broker = OwnBroker {
-            address: format!("127.0.0.1:{port}"),
+            address: String::new(),
             storage,
             database,
             child: None,
         };
-        broker.resume();
-        broker
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            broker.address = format!("127.0.0.1:{port}");
+            if broker.try_resume() {
+                return broker;
+            }
+        }
+        panic!("the test broker could not keep a free port in five tries");
     }
 
-    /// Starts the broker process again (after [`OwnBroker::kill`]).
+    /// Starts the broker process again (after [`OwnBroker::kill`]), on the
+    /// same address.
     pub fn resume(&mut self) {
+        assert!(
+            self.try_resume(),
+            "the test broker could not listen on {} again (another process took the port)",
+            self.address
+        );
+    }
+
+    /// Starts the broker process and waits until it listens on its address
+    /// itself; false when it exited first (the port was taken).
+    fn try_resume(&mut self) -> bool {
         let nisshi = std::env::var("TIDINGS_NISSHI").unwrap_or_else(|_| {
             format!(
                 "{}/.cache/tidings/nisshi-0.8.1/bin/nisshi",
@@ -737,11 +758,19 @@ impl OwnBroker {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("starting nisshi (scripts/dev.sh up installs it)");
+        let pid = child.id();
         self.child = Some(child);
-        let address = self.address.clone();
-        let wait = move || {
+        let port: u16 = self.address.rsplit(':').next().unwrap().parse().unwrap();
+        let child = self.child.as_mut().unwrap();
+        let mut wait = move || {
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while std::net::TcpStream::connect(&address).is_err() {
+            loop {
+                if listens_on(pid, port) {
+                    return true;
+                }
+                if child.try_wait().ok().flatten().is_some() {
+                    return false;
+                }
                 assert!(
                     std::time::Instant::now() < deadline,
                     "the test broker did not start"
@@ -751,12 +780,16 @@ impl OwnBroker {
         };
         // Inside a multi-threaded runtime the wait must not hold up a worker
         // (the pipeline under test runs on them).
-        match tokio::runtime::Handle::try_current() {
+        let listening = match tokio::runtime::Handle::try_current() {
             Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
                 tokio::task::block_in_place(wait)
             }
             _ => wait(),
+        };
+        if !listening {
+            self.child = None;
         }
+        listening
     }
 
     /// Freezes the broker process (SIGSTOP): its sockets stay open and
@@ -786,6 +819,34 @@ impl OwnBroker {
             let _ = child.wait();
         }
     }
+}
+
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`
+/// (from `/proc/net/tcp` and the process's file descriptors).
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local address, state 0A (LISTEN), inode
+            (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
+                .then(|| fields.get(9).map(|i| format!("socket:[{i}]")))
+                .flatten()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
 }
 
 impl Drop for OwnBroker {

@@ -107,3 +107,14 @@ async fn the_broker_keeps_pipelined_idempotent_sends_in_order_per_key() {
         );
     }
 }
+
+#[test]
+fn a_listening_socket_is_told_apart_by_its_process() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    assert!(tidings_tests::listens_on(std::process::id(), port));
+    // Another process (here: PID 1) does not hold it.
+    assert!(!tidings_tests::listens_on(1, port));
+    drop(listener);
+    assert!(!tidings_tests::listens_on(std::process::id(), port));
+}
