@@ -12,14 +12,31 @@ use tidings_tests::TestDb;
 use tidings_tests::pipeline::CounterView;
 use tracing_subscriber::layer::SubscriberExt;
 
-/// Counts warnings (and worse) written by tidings.
-struct Count(Arc<AtomicU64>);
+/// Counts warnings (and worse) written by tidings, keeping the last few
+/// (target and fields) to show when there are too many.
+struct Count(Arc<AtomicU64>, Arc<std::sync::Mutex<Vec<String>>>);
+
+/// An event's fields as text.
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!(" {}={value:?}", field.name()));
+    }
+}
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
         let meta = event.metadata();
         if meta.target().starts_with("tidings") && *meta.level() <= tracing::Level::WARN {
             self.0.fetch_add(1, Ordering::Relaxed);
+            let mut fields = Fields(meta.target().to_owned());
+            event.record(&mut fields);
+            let mut last = self.1.lock().unwrap();
+            if last.len() >= 5 {
+                last.remove(0);
+            }
+            last.push(fields.0);
         }
     }
 }
@@ -27,8 +44,9 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_logs_a_bounded_number_of_lines_while_the_broker_is_away() {
     let warnings = Arc::new(AtomicU64::new(0));
+    let last = Arc::new(std::sync::Mutex::new(Vec::new()));
     tracing::subscriber::set_global_default(
-        tracing_subscriber::registry().with(Count(Arc::clone(&warnings))),
+        tracing_subscriber::registry().with(Count(Arc::clone(&warnings), Arc::clone(&last))),
     )
     .expect("the only subscriber of this test binary");
     let mut broker = tidings_tests::OwnBroker::start().await;
@@ -57,7 +75,8 @@ async fn a_runner_logs_a_bounded_number_of_lines_while_the_broker_is_away() {
     assert!(during > 0, "the outage was noticed");
     assert!(
         during <= 4,
-        "a line and a summary per interval, not one per retry: {during}"
+        "a line and a summary per interval, not one per retry: {during}; the last ones: {:#?}",
+        last.lock().unwrap()
     );
     broker.resume();
     stop.send(()).unwrap();
