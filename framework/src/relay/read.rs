@@ -126,18 +126,29 @@ pub(super) fn multirange(ids: &mut [i64]) -> String {
 /// of its rows is never walked, and a deleted head not yet vacuumed is
 /// skipped by the index. What the scan still passes over are other lanes'
 /// rows interleaved with its own: rows written at the same time, not the
-/// backlog. The plan does not depend on the statistics: the read runs in a
-/// transaction of its own with the plans that would read a whole lane or
-/// table (bitmap and sequential scans, sorts, hash joins) turned off, so
-/// stale statistics after a burst cannot make one read fetch and sort a
-/// deep backlog.
+/// backlog. That read runs in a transaction of its own with the plans that
+/// would read a whole lane or table (bitmap and sequential scans, sorts,
+/// hash joins) turned off, so stale statistics about the lanes after a
+/// burst cannot make one read fetch and sort a deep backlog. A relay that
+/// owns every lane reads with one plain statement (a round trip instead of
+/// four: 0.5 ms of an idle relay's commit-to-produced latency): its filter
+/// on the lanes selects every row, and the planner scales a stale row count
+/// with the table's current size, so its ordered scan stays the cheapest.
 pub(super) async fn read_rows(
     pool: PgPool,
     lanes: Vec<i32>,
     size: i64,
     busy: String,
 ) -> Result<Vec<Row>> {
-    let all_lanes = lanes.len() >= OUTBOX_LANES as usize;
+    if lanes.len() >= OUTBOX_LANES as usize {
+        return sqlx::query_as(READ_ALL)
+            .bind(&lanes)
+            .bind(size)
+            .bind(busy)
+            .fetch_all(&pool)
+            .await
+            .map_err(Error::db("reading the outbox"));
+    }
     let mut tx = pool
         .begin()
         .await
@@ -150,7 +161,7 @@ pub(super) async fn read_rows(
     .execute(&mut *conn)
     .await
     .map_err(Error::db("reading the outbox"))?;
-    let rows = sqlx::query_as(if all_lanes { READ_ALL } else { READ_FROM_START })
+    let rows = sqlx::query_as(READ_FROM_START)
         .bind(&lanes)
         .bind(size)
         .bind(busy)
