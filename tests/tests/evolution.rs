@@ -73,6 +73,30 @@ fn runner(
     Runner::new(db.pool.clone(), GaugeView, config).unwrap()
 }
 
+/// The projection's status shows one event skipped unread (of
+/// `event_type` v`version`, for `reason`), one dead letter and one event
+/// parked behind it.
+async fn assert_status(db: &TestDb, topic: &str, event_type: &str, version: i32, reason: &str) {
+    let status = projection_status(
+        &db.pool,
+        &KafkaConfig::new(brokers()),
+        GaugeView.name(),
+        &[topic.to_owned()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status.ignored,
+        vec![IgnoredEvents {
+            event_type: event_type.into(),
+            event_version: version,
+            reason: reason.into(),
+            events: 1,
+        }]
+    );
+    assert_eq!((status.dead_lettered, status.parked), (1, 1), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_event_type_parks_no_stream_and_a_newer_version_parks_its_own() {
     let db = TestDb::new().await;
@@ -97,24 +121,7 @@ async fn a_new_event_type_parks_no_stream_and_a_newer_version_parks_its_own() {
         Some((1, 1)),
         "g-2 went past its version 3"
     );
-    let status = projection_status(
-        &db.pool,
-        &KafkaConfig::new(brokers()),
-        GaugeView.name(),
-        std::slice::from_ref(&topic),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        status.ignored,
-        vec![IgnoredEvents {
-            event_type: "Calibrated".into(),
-            event_version: 1,
-            reason: "unknown type".into(),
-            events: 1,
-        }]
-    );
-    assert_eq!((status.dead_lettered, status.parked), (1, 1), "{status:?}");
+    assert_status(&db, &topic, "Calibrated", 1, "unknown type").await;
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
@@ -138,24 +145,7 @@ async fn the_policies_turned_around_dead_letter_the_new_type_and_skip_the_newer_
     .await;
     assert_eq!(gauge(&db, "g-1").await, Some((5, 1)));
     assert_eq!(parked_of(&db, "g-2").await, 0);
-    let status = projection_status(
-        &db.pool,
-        &KafkaConfig::new(brokers()),
-        GaugeView.name(),
-        std::slice::from_ref(&topic),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        status.ignored,
-        vec![IgnoredEvents {
-            event_type: "Set".into(),
-            event_version: 3,
-            reason: "newer version".into(),
-            events: 1,
-        }]
-    );
-    assert_eq!((status.dead_lettered, status.parked), (1, 1), "{status:?}");
+    assert_status(&db, &topic, "Set", 3, "newer version").await;
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
