@@ -525,6 +525,10 @@ impl<P: Projection> Runner<P> {
         // Assigned partitions not yet sought to their checkpoint (paused).
         let mut unsought: Vec<Key> = Vec::new();
         let mut consumer_errors = Throttle::new(Duration::from_secs(10));
+        let mut seek_errors = Throttle::new(Duration::from_secs(10));
+        // Seeks that failed (the broker away) are tried again at this pace.
+        let seek_spacing = Duration::from_millis(500);
+        let mut next_seek = Instant::now();
         let mut health = Health::default();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         // The generation is watched by a task of its own: a slow or
@@ -559,7 +563,8 @@ impl<P: Projection> Runner<P> {
                         tracing::info!(projection = name, partitions = ?list, "projection: partitions assigned");
                         self.stats.assigned.fetch_add(list.len() as u64, Ordering::Relaxed);
                         unsought.extend(list);
-                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &self.stats).await;
+                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &self.stats, &mut seek_errors).await;
+                        next_seek = Instant::now() + seek_spacing;
                     }
                 },
                 received = consumer.recv() => match received {
@@ -614,8 +619,9 @@ impl<P: Projection> Runner<P> {
                     }
                 },
                 _ = tick.tick() => {
-                    if !unsought.is_empty() {
-                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &self.stats).await;
+                    if !unsought.is_empty() && Instant::now() >= next_seek {
+                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &self.stats, &mut seek_errors).await;
+                        next_seek = Instant::now() + seek_spacing;
                     }
                     for (key, worker) in workers.iter_mut() {
                         flush(&consumer, key, worker);
@@ -639,13 +645,17 @@ impl<P: Projection> Runner<P> {
 /// Seeks each partition of `unsought` to the checkpoint stored in
 /// PostgreSQL (the beginning when there is none) and resumes it: the
 /// database, not the group's Kafka offset, decides where reading starts. On
-/// a database error the partitions stay paused and are tried again.
+/// a database or broker error the partitions stay paused and are tried
+/// again (the caller spaces the tries); warnings go through `warnings`, so
+/// an outage writes a line and then a summary per interval, not a line per
+/// partition and try.
 async fn seek_to_checkpoints(
     pool: &PgPool,
     name: &str,
     consumer: &StreamConsumer<RunnerContext>,
     unsought: &mut Vec<Key>,
     stats: &RunnerStats,
+    warnings: &mut Throttle,
 ) {
     let checkpoints: Vec<(String, i32, i64)> = match tokio::time::timeout(
         Duration::from_secs(10),
@@ -659,14 +669,19 @@ async fn seek_to_checkpoints(
     {
         Ok(Ok(rows)) => rows,
         Ok(Err(error)) => {
-            tracing::warn!(projection = name, %error, "projection: reading checkpoints to seek to; retrying");
+            if let Some(suppressed) = warnings.allow() {
+                tracing::warn!(projection = name, %error, suppressed, "projection: reading checkpoints to seek to; retrying");
+            }
             return;
         }
         Err(_) => {
-            tracing::warn!(
-                projection = name,
-                "projection: reading checkpoints timed out; retrying"
-            );
+            if let Some(suppressed) = warnings.allow() {
+                tracing::warn!(
+                    projection = name,
+                    suppressed,
+                    "projection: reading checkpoints timed out; retrying"
+                );
+            }
             return;
         }
     };
@@ -697,7 +712,9 @@ async fn seek_to_checkpoints(
                 }
                 Ok(_) => {}
                 Err(error) => {
-                    tracing::warn!(projection = name, topic, partition, %error, "projection: reading the partition's end; retrying");
+                    if let Some(suppressed) = warnings.allow() {
+                        tracing::warn!(projection = name, topic, partition, %error, suppressed, "projection: reading the partition's end; retrying");
+                    }
                     return true;
                 }
             }
@@ -710,7 +727,9 @@ async fn seek_to_checkpoints(
                 false
             }
             Err(error) => {
-                tracing::warn!(projection = name, topic, partition, %error, "projection: seeking to the checkpoint; retrying");
+                if let Some(suppressed) = warnings.allow() {
+                    tracing::warn!(projection = name, topic, partition, %error, suppressed, "projection: seeking to the checkpoint; retrying");
+                }
                 true
             }
         }
