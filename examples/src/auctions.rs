@@ -8,7 +8,7 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
-use tidings::projection::{ApplyError, Projection};
+use tidings::projection::{ApplyError, Batch, BatchError, Projection};
 use tidings::{Aggregate, Envelope, Event};
 
 /// The events of an auction.
@@ -178,32 +178,70 @@ impl Projection for LeadingBid {
         conn: &mut PgConnection,
         envelope: &Envelope<AuctionEvent>,
     ) -> Result<(), ApplyError> {
-        let id = &envelope.aggregate_id;
-        match &envelope.payload {
-            AuctionEvent::AuctionOpened { .. } => {
-                sqlx::query("INSERT INTO auction_leading_bid (auction_id) VALUES ($1)")
-                    .bind(id)
-                    .execute(conn)
-                    .await?;
+        Ok(self.apply_batch(conn, &Batch::one(envelope)).await?)
+    }
+
+    /// Set-based: each auction's events folded (opened, the last bid, the
+    /// number of bids, closed), then one upsert for the batch. Bids arrive
+    /// in stream order, so the last one is the leader.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        batch: &Batch<'_, AuctionEvent>,
+    ) -> Result<(), BatchError> {
+        let (mut ids, mut opened, mut bidders, mut amounts, mut bids, mut closed) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for stream in batch.by_stream() {
+            let (mut open, mut leader, mut n, mut close) = (false, None, 0i32, false);
+            for (index, envelope) in &stream.events {
+                match &envelope.payload {
+                    AuctionEvent::AuctionOpened { .. } if open => {
+                        return Err(BatchError::permanent(
+                            *index,
+                            format!("auction {} opened twice", stream.aggregate_id),
+                        ));
+                    }
+                    AuctionEvent::AuctionOpened { .. } => open = true,
+                    AuctionEvent::BidSubmitted { bidder, amount } => {
+                        leader = Some((bidder.as_str(), *amount as i64));
+                        n += 1;
+                    }
+                    AuctionEvent::AuctionClosed { .. } => close = true,
+                }
             }
-            AuctionEvent::BidSubmitted { bidder, amount } => {
-                // Applied in stream order, so every bid is the new leader.
-                sqlx::query(
-                    "UPDATE auction_leading_bid SET bidder = $2, amount = $3, bids = bids + 1 WHERE auction_id = $1",
-                )
-                .bind(id)
-                .bind(bidder)
-                .bind(*amount as i64)
-                .execute(conn)
-                .await?;
-            }
-            AuctionEvent::AuctionClosed { .. } => {
-                sqlx::query("UPDATE auction_leading_bid SET closed = true WHERE auction_id = $1")
-                    .bind(id)
-                    .execute(conn)
-                    .await?;
-            }
+            ids.push(stream.aggregate_id);
+            opened.push(open);
+            bidders.push(leader.map(|(b, _)| b));
+            amounts.push(leader.map(|(_, a)| a));
+            bids.push(n);
+            closed.push(close);
         }
+        // An auction opened here is inserted (a second opening breaks the
+        // primary key, as one INSERT per event would); one opened before is
+        // updated; one never opened is left alone, as an UPDATE would.
+        sqlx::query(
+            "WITH u AS (SELECT * FROM UNNEST($1::text[], $2::bool[], $3::text[], $4::bigint[], $5::int[], $6::bool[]) \
+                 AS u(id, opened, bidder, amount, bids, closed)), \
+             inserted AS (INSERT INTO auction_leading_bid (auction_id, bidder, amount, bids, closed) \
+                 SELECT id, bidder, coalesce(amount, 0), bids, closed FROM u WHERE opened) \
+             UPDATE auction_leading_bid AS a SET bidder = coalesce(u.bidder, a.bidder), \
+                 amount = coalesce(u.amount, a.amount), bids = a.bids + u.bids, closed = a.closed OR u.closed \
+             FROM u WHERE NOT u.opened AND a.auction_id = u.id",
+        )
+        .bind(&ids)
+        .bind(&opened)
+        .bind(&bidders)
+        .bind(&amounts)
+        .bind(&bids)
+        .bind(&closed)
+        .execute(conn)
+        .await?;
         Ok(())
     }
 

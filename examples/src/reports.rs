@@ -4,10 +4,12 @@
 //! payments received and the cancellations, in `daily_order_totals`. It is a
 //! read model like any other: `replay` rebuilds it from the topic.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use sqlx::{PgConnection, PgPool};
 use tidings::Envelope;
-use tidings::projection::{ApplyError, Projection};
+use tidings::projection::{ApplyError, Batch, BatchError, Projection};
 
 use crate::orders::OrderEvent;
 
@@ -66,21 +68,50 @@ impl Projection for DailyTotals {
         conn: &mut PgConnection,
         envelope: &Envelope<OrderEvent>,
     ) -> Result<(), ApplyError> {
-        let (orders, ordered, paid, cancelled) = match &envelope.payload {
-            OrderEvent::OrderCreated { amount, .. } => (1i64, *amount, 0.0, 0i64),
-            OrderEvent::PaymentProcessed { amount, .. } => (0, 0.0, *amount, 0),
-            OrderEvent::OrderCancelled { .. } => (0, 0.0, 0.0, 1),
-        };
+        Ok(self.apply_batch(conn, &Batch::one(envelope)).await?)
+    }
+
+    /// Set-based: the batch summed per day in memory, then one upsert with
+    /// a row per day (sums do not depend on the order of the streams).
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        batch: &Batch<'_, OrderEvent>,
+    ) -> Result<(), BatchError> {
+        let mut days: BTreeMap<chrono::NaiveDate, (i64, f64, f64, i64)> = BTreeMap::new();
+        for envelope in batch.events() {
+            let day = days.entry(envelope.timestamp.date_naive()).or_default();
+            match &envelope.payload {
+                OrderEvent::OrderCreated { amount, .. } => {
+                    day.0 += 1;
+                    day.1 += amount;
+                }
+                OrderEvent::PaymentProcessed { amount, .. } => day.2 += amount,
+                OrderEvent::OrderCancelled { .. } => day.3 += 1,
+            }
+        }
+        let (mut day, mut orders, mut ordered, mut paid, mut cancelled) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (d, (o, v, p, c)) in days {
+            day.push(d);
+            orders.push(o);
+            ordered.push(v);
+            paid.push(p);
+            cancelled.push(c);
+        }
+        // Days in order: concurrent batches lock them in the same order.
         sqlx::query(
-            "INSERT INTO daily_order_totals AS t (day, orders, ordered, paid, cancelled) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (day) DO UPDATE SET orders = t.orders + $2, ordered = t.ordered + $3, \
-             paid = t.paid + $4, cancelled = t.cancelled + $5",
+            "INSERT INTO daily_order_totals AS t (day, orders, ordered, paid, cancelled) \
+             SELECT * FROM UNNEST($1::date[], $2::bigint[], $3::float8[], $4::float8[], $5::bigint[]) \
+             ON CONFLICT (day) DO UPDATE SET orders = t.orders + EXCLUDED.orders, \
+             ordered = t.ordered + EXCLUDED.ordered, paid = t.paid + EXCLUDED.paid, \
+             cancelled = t.cancelled + EXCLUDED.cancelled",
         )
-        .bind(envelope.timestamp.date_naive())
-        .bind(orders)
-        .bind(ordered)
-        .bind(paid)
-        .bind(cancelled)
+        .bind(&day)
+        .bind(&orders)
+        .bind(&ordered)
+        .bind(&paid)
+        .bind(&cancelled)
         .execute(conn)
         .await?;
         Ok(())

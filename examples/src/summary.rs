@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use sqlx::{PgConnection, PgPool};
 use tidings::Envelope;
-use tidings::projection::{ApplyError, Projection};
+use tidings::projection::{ApplyError, Batch, BatchError, Projection};
 
 use crate::orders::OrderEvent;
 
@@ -65,6 +65,27 @@ impl OrderSummary {
     }
 }
 
+/// Orders created in a batch, column by column.
+#[derive(Default)]
+struct NewRows<'a> {
+    ids: Vec<&'a str>,
+    users: Vec<&'a str>,
+    amounts: Vec<f64>,
+    currencies: Vec<&'a str>,
+    statuses: Vec<&'a str>,
+    payments: Vec<Option<&'a str>>,
+    events: Vec<i32>,
+}
+
+/// Changes to orders created before the batch, column by column.
+#[derive(Default)]
+struct Changes<'a> {
+    ids: Vec<&'a str>,
+    statuses: Vec<Option<&'a str>>,
+    payments: Vec<Option<&'a str>>,
+    events: Vec<i32>,
+}
+
 /// One row of the order summary.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct SummaryRow {
@@ -97,44 +118,96 @@ impl Projection for OrderSummary {
         conn: &mut PgConnection,
         envelope: &Envelope<OrderEvent>,
     ) -> Result<(), ApplyError> {
-        let id = &envelope.aggregate_id;
+        Ok(self.apply_batch(conn, &Batch::one(envelope)).await?)
+    }
+
+    /// Set-based: each order's events folded into one row change, then one
+    /// `INSERT` for the orders created in the batch and one `UPDATE` for
+    /// the others, whatever the batch's size.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        batch: &Batch<'_, OrderEvent>,
+    ) -> Result<(), BatchError> {
         let table = &self.table;
-        match &envelope.payload {
-            OrderEvent::OrderCreated {
-                user_id,
-                amount,
-                currency,
-                ..
-            } => {
-                sqlx::query(&format!(
-                    "INSERT INTO {table} (order_id, user_id, amount, currency, status, events_applied) \
-                     VALUES ($1, $2, $3, $4, 'created', 1)"
-                ))
-                .bind(id)
-                .bind(user_id)
-                .bind(amount)
-                .bind(currency)
-                .execute(conn)
-                .await?;
+        let mut created = NewRows::default();
+        let mut changed = Changes::default();
+        for stream in batch.by_stream() {
+            let mut row: Option<(&str, f64, &str)> = None;
+            let (mut status, mut payment, mut n) = (None, None, 0);
+            for (index, envelope) in &stream.events {
+                match &envelope.payload {
+                    OrderEvent::OrderCreated {
+                        user_id,
+                        amount,
+                        currency,
+                        ..
+                    } => {
+                        // What one INSERT per event would refuse.
+                        if row.is_some() || n > 0 {
+                            return Err(BatchError::permanent(
+                                *index,
+                                format!("order {} created twice", stream.aggregate_id),
+                            ));
+                        }
+                        row = Some((user_id.as_str(), *amount, currency.as_str()));
+                        status = Some("created");
+                    }
+                    OrderEvent::PaymentProcessed { payment_id, .. } => {
+                        status = Some("paid");
+                        payment = Some(payment_id.as_str());
+                    }
+                    OrderEvent::OrderCancelled { .. } => status = Some("cancelled"),
+                }
+                n += 1;
             }
-            OrderEvent::PaymentProcessed { payment_id, .. } => {
-                sqlx::query(&format!(
-                    "UPDATE {table} SET status = 'paid', payment_id = $2, events_applied = events_applied + 1 \
-                     WHERE order_id = $1"
-                ))
-                .bind(id)
-                .bind(payment_id)
-                .execute(conn)
-                .await?;
+            match row {
+                Some((user, amount, currency)) => {
+                    created.ids.push(stream.aggregate_id);
+                    created.users.push(user);
+                    created.amounts.push(amount);
+                    created.currencies.push(currency);
+                    created.statuses.push(status.unwrap_or("created"));
+                    created.payments.push(payment);
+                    created.events.push(n);
+                }
+                None => {
+                    changed.ids.push(stream.aggregate_id);
+                    changed.statuses.push(status);
+                    changed.payments.push(payment);
+                    changed.events.push(n);
+                }
             }
-            OrderEvent::OrderCancelled { .. } => {
-                sqlx::query(&format!(
-                    "UPDATE {table} SET status = 'cancelled', events_applied = events_applied + 1 WHERE order_id = $1"
-                ))
-                .bind(id)
-                .execute(conn)
-                .await?;
-            }
+        }
+        if !created.ids.is_empty() {
+            sqlx::query(&format!(
+                "INSERT INTO {table} (order_id, user_id, amount, currency, status, payment_id, events_applied) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::float8[], $4::text[], $5::text[], $6::text[], $7::int[])"
+            ))
+            .bind(&created.ids)
+            .bind(&created.users)
+            .bind(&created.amounts)
+            .bind(&created.currencies)
+            .bind(&created.statuses)
+            .bind(&created.payments)
+            .bind(&created.events)
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !changed.ids.is_empty() {
+            // An order never created is left alone, as an UPDATE per event would.
+            sqlx::query(&format!(
+                "UPDATE {table} AS o SET status = coalesce(u.status, o.status), \
+                 payment_id = coalesce(u.payment_id, o.payment_id), events_applied = o.events_applied + u.n \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[]) AS u(id, status, payment_id, n) \
+                 WHERE o.order_id = u.id"
+            ))
+            .bind(&changed.ids)
+            .bind(&changed.statuses)
+            .bind(&changed.payments)
+            .bind(&changed.events)
+            .execute(&mut *conn)
+            .await?;
         }
         Ok(())
     }

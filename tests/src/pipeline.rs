@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
-use tidings::projection::{ApplyError, Projection};
+use tidings::projection::{ApplyError, Batch, BatchError, Projection};
 use tidings::{Aggregate, Envelope, Event, Store};
 
 use crate::Received;
@@ -62,8 +62,17 @@ impl Aggregate for Counter {
 }
 
 /// The counters' read model: total and number of events applied per counter.
+///
+/// It applies batches set-based (one statement per batch), or one event at
+/// a time when `TIDINGS_TEST_APPLY=each`: the suite runs over both paths.
 #[derive(Debug, Clone, Default)]
 pub struct CounterView;
+
+/// Whether the test projections apply one event at a time
+/// (`TIDINGS_TEST_APPLY=each`) rather than set-based batches.
+pub fn one_at_a_time() -> bool {
+    std::env::var("TIDINGS_TEST_APPLY").is_ok_and(|v| v == "each")
+}
 
 impl CounterView {
     /// Creates `counter_view`.
@@ -101,6 +110,69 @@ impl Projection for CounterView {
         .bind(&envelope.aggregate_id)
         .bind(amount)
         .bind(envelope.sequence as i64)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        batch: &Batch<'_, CounterEvent>,
+    ) -> Result<(), BatchError> {
+        if one_at_a_time() {
+            for (index, envelope) in batch.events().iter().enumerate() {
+                self.apply(conn, envelope)
+                    .await
+                    .map_err(|e| BatchError::at(index, e))?;
+            }
+            return Ok(());
+        }
+        // Folded per counter: the sum, the count, the first and last
+        // sequences and the breaks in order within the batch.
+        let (mut ids, mut totals, mut counts, mut firsts, mut lasts, mut breaks) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for stream in batch.by_stream() {
+            let (mut total, mut breaks_here, mut previous) = (0i64, 0i64, None::<i64>);
+            for (_, envelope) in &stream.events {
+                let CounterEvent::Added { amount } = envelope.payload;
+                total += amount;
+                let sequence = envelope.sequence as i64;
+                if previous.is_some_and(|p| sequence != p + 1) {
+                    breaks_here += 1;
+                }
+                previous = Some(sequence);
+            }
+            ids.push(stream.aggregate_id);
+            totals.push(total);
+            counts.push(stream.events.len() as i64);
+            firsts.push(stream.events[0].1.sequence as i64);
+            lasts.push(previous.unwrap_or_default());
+            breaks.push(breaks_here);
+        }
+        sqlx::query(
+            "WITH u AS (SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[]) \
+                 AS u(id, total, n, first, last, breaks)), \
+             up AS (UPDATE counter_view AS v SET total = v.total + u.total, events = v.events + u.n, \
+                 last_sequence = u.last, \
+                 out_of_order = v.out_of_order + u.breaks + CASE WHEN u.first = v.last_sequence + 1 THEN 0 ELSE 1 END \
+                 FROM u WHERE v.id = u.id RETURNING v.id) \
+             INSERT INTO counter_view (id, total, events, last_sequence, out_of_order) \
+             SELECT id, total, n, last, breaks + CASE WHEN first = 1 THEN 0 ELSE 1 END FROM u \
+             WHERE id NOT IN (SELECT id FROM up)",
+        )
+        .bind(&ids)
+        .bind(&totals)
+        .bind(&counts)
+        .bind(&firsts)
+        .bind(&lasts)
+        .bind(&breaks)
         .execute(conn)
         .await?;
         Ok(())

@@ -1,50 +1,38 @@
 //! Applying one batch of one partition in one transaction.
+//!
+//! # Guarantees
+//!
+//! - **Exactly once.** The read model's change, the streams' positions and
+//!   the partition's checkpoint commit together; the checkpoint and the
+//!   batch's streams are locked first, so whatever else runs (a zombie
+//!   instance with the same partition, another partition carrying the same
+//!   stream, a redrive) waits or finds its work done.
+//! - **The projection decides nothing about order.** It is called with what
+//!   the plan ([`super::plan`]) kept, as one batch; if it refuses the batch
+//!   naming an event, that event is dead-lettered and the batch planned
+//!   again; if it cannot name one (or panics), the batch is applied one
+//!   event at a time, each in a savepoint, and the refused ones are
+//!   dead-lettered with what follows them in their streams parked.
+//! - **Round trips.** A batch costs `BEGIN`, one statement locking the
+//!   checkpoint and the streams, the projection's statements, one saving
+//!   the positions and the checkpoint, and `COMMIT`; parked events and
+//!   events skipped unread add a statement each when there are any. A
+//!   batch whose messages are all below the checkpoint writes nothing; a
+//!   stream's row is written once per batch (a new stream's row is created
+//!   at 0 when first locked, then positioned).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
-use sqlx::PgPool;
+use sqlx::PgConnection;
 
-use crate::envelope::{Envelope, HEADER_AGGREGATE_TYPE, RawEnvelope};
 use crate::error::Error;
-use crate::projection::dead_letters::{RawHeaders, encode_headers};
-use crate::projection::evolution::{NEWER_VERSION, UNKNOWN_TYPE};
-use crate::projection::{ApplyError, NewerVersions, Projection, UnknownTypes};
-
-/// A message as consumed, owned by the partition's worker.
-#[derive(Debug, Clone)]
-pub(crate) struct Message {
-    pub(crate) topic: String,
-    pub(crate) partition: i32,
-    pub(crate) offset: i64,
-    pub(crate) key: Option<Vec<u8>>,
-    pub(crate) value: Option<Vec<u8>>,
-    pub(crate) headers: RawHeaders,
-}
-
-impl Message {
-    /// The last value of header `key`, as text.
-    fn header(&self, key: &str) -> Option<String> {
-        self.headers
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned())
-    }
-
-    /// The headers as readable text (`tidings_parked.headers`): lossy UTF-8,
-    /// the last value of a repeated key; the exact ones are kept beside.
-    fn readable_headers(&self) -> BTreeMap<String, String> {
-        self.headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    clean(k),
-                    clean(&String::from_utf8_lossy(v.as_deref().unwrap_or_default())),
-                )
-            })
-            .collect()
-    }
-}
+use crate::projection::dead_letters::encode_headers;
+use crate::projection::plan::{
+    Action, Decoded, Message, PARKED_BEHIND, Planned, Stream, clean, decode_all, plan, positions,
+};
+use crate::projection::{
+    Batch, BatchError, NewerVersions, Projection, UnknownTypes, panic_message,
+};
 
 /// What one batch did.
 #[derive(Debug, Default)]
@@ -67,6 +55,9 @@ pub(crate) enum Failure {
     /// The event at `offset` can never be applied: retry the batch at once,
     /// dead-lettering it.
     Poison { offset: i64, reason: String },
+    /// The projection refused the batch without naming the event (or
+    /// panicked): retry the batch at once, one event at a time.
+    Locate(String),
     /// This instance's generation was replaced by a replay: stop.
     Stale,
 }
@@ -77,100 +68,60 @@ impl From<Error> for Failure {
     }
 }
 
-type Stream = (String, String);
-
-enum Decoded<E> {
-    Event(Envelope<E>),
-    /// Not read, by policy: its sequence, type, version and why.
-    Ignored(i64, String, i32, &'static str),
-    /// Why it cannot be applied, and its sequence when the envelope was readable.
-    Poison(String, Option<i64>),
-}
-
-fn stream_of(message: &Message) -> Stream {
-    let id = message
-        .key
-        .as_deref()
-        .map(|k| clean(&String::from_utf8_lossy(k)))
-        .unwrap_or_default();
-    let kind = message
-        .header(HEADER_AGGREGATE_TYPE)
-        .map(|t| clean(&t))
-        .unwrap_or_else(|| "?".into());
-    (kind, id)
-}
-
-/// The longest aggregate type or id kept as it is, in bytes. Longer ones
-/// (only a foreign producer can write them: the store refuses ids over 512
-/// bytes) are dead-lettered under a shortened identity, since an index
-/// entry cannot hold them.
-const MAX_IDENTITY_BYTES: usize = 512;
-
-/// PostgreSQL text cannot hold NUL: input from the topic is stored with
-/// NUL replaced, and an identity too long for an index is shortened (a
-/// prefix and a hash of the whole), so that bad input is parked rather
-/// than failing forever.
-fn clean(text: &str) -> String {
-    let text = text.replace('\0', "\u{FFFD}");
-    if text.len() <= MAX_IDENTITY_BYTES {
-        return text;
-    }
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(text.as_bytes());
-    let mut cut = 200;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}…#{hex}", &text[..cut])
-}
-
-/// Why an envelope's identity cannot be applied, if it cannot.
-fn oversized(raw: &RawEnvelope) -> Option<String> {
-    [
-        ("aggregate type", &raw.aggregate_type),
-        ("aggregate id", &raw.aggregate_id),
-    ]
-    .into_iter()
-    .find(|(_, v)| v.len() > MAX_IDENTITY_BYTES)
-    .map(|(what, v)| {
-        format!(
-            "{what} of {} bytes exceeds the limit of {MAX_IDENTITY_BYTES} bytes",
-            v.len()
-        )
-    })
-}
-
 /// In one round trip: locks the projection's generation (shared) and the
 /// partition's checkpoint, returning its next offset, and only when this
-/// instance's generation is current; then locks the streams of the batch
-/// (creating their rows) and reads their last sequences and whether they
-/// are parked. No row: the generation was replaced.
+/// instance's generation is current; then locks the streams that have a
+/// message at or past the checkpoint (creating the rows of new ones) and
+/// reads their last sequences and whether they are parked. No row: the
+/// generation was replaced. One row with no stream: every message is
+/// below the checkpoint.
 ///
 /// The batch first takes the projection's advisory lock in shared mode: a
 /// replay takes it exclusively, and a heavyweight lock's queue is first come,
 /// first served, so a replay waits for the batches in flight only, never for
 /// a steady stream of overlapping ones (row locks would starve it).
+///
+/// Rows that exist are locked `FOR UPDATE` (no new row version); the
+/// checkpoint and streams are created only when missing. A row created by
+/// another transaction after this statement's snapshot is not seen by the
+/// `FOR UPDATE` scan, and its insert then conflicts: `DO UPDATE` locks it and
+/// returns its latest version. Each stream row is reached through its key
+/// (a lateral scan per key), so a generic plan cached while the table was
+/// small cannot become a hash join over every stream of the projection;
+/// streams are locked in key order (the caller sorts them).
 const BEGIN_BATCH: &str = "WITH a AS ( \
     SELECT pg_advisory_xact_lock_shared(hashtextextended('tidings.projection.' || $1, 0))), \
     g AS ( \
     SELECT p.generation FROM tidings_projections p, a WHERE p.name = $1 FOR SHARE OF p), \
-    c AS ( \
+    held AS ( \
+    SELECT k.next_offset FROM tidings_checkpoints k \
+    WHERE k.projection = $1 AND k.topic = $2 AND k.partition = $3 AND (SELECT generation FROM g) = $4 \
+    FOR UPDATE), \
+    made AS ( \
     INSERT INTO tidings_checkpoints (projection, topic, partition, next_offset) \
-    SELECT $1, $2, $3, 0 FROM g WHERE g.generation = $4 \
+    SELECT $1, $2, $3, 0 FROM g WHERE g.generation = $4 AND NOT EXISTS (SELECT 1 FROM held) \
     ON CONFLICT (projection, topic, partition) DO UPDATE SET next_offset = tidings_checkpoints.next_offset \
     RETURNING next_offset), \
+    c AS (SELECT next_offset FROM held UNION ALL SELECT next_offset FROM made), \
+    wanted AS ( \
+    SELECT u.t, u.i, u.n FROM UNNEST($5::text[], $6::text[], $7::bigint[]) WITH ORDINALITY AS u(t, i, o, n) \
+    WHERE u.o >= (SELECT next_offset FROM c)), \
     locked AS ( \
-    INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
-    SELECT $1, t, i, 0 FROM UNNEST($5::text[], $6::text[]) AS s(t, i) \
-    WHERE EXISTS (SELECT 1 FROM c) ORDER BY t, i \
-    ON CONFLICT (projection, aggregate_type, aggregate_id) \
-    DO UPDATE SET last_sequence = tidings_projection_streams.last_sequence \
-    RETURNING aggregate_type, aggregate_id, last_sequence) \
-    SELECT c.next_offset, l.aggregate_type, l.aggregate_id, l.last_sequence, coalesce(( \
+    SELECT w.t, w.i, w.n, s.last_sequence FROM wanted w LEFT JOIN LATERAL ( \
+    SELECT s.last_sequence FROM tidings_projection_streams s \
+    WHERE s.projection = $1 AND s.aggregate_type = w.t AND s.aggregate_id = w.i FOR UPDATE) s ON true), \
+    created AS ( \
+    INSERT INTO tidings_projection_streams AS s (projection, aggregate_type, aggregate_id, last_sequence) \
+    SELECT $1, l.t, l.i, 0 FROM locked l WHERE l.last_sequence IS NULL ORDER BY l.n \
+    ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET last_sequence = s.last_sequence \
+    RETURNING s.aggregate_type AS t, s.aggregate_id AS i, s.last_sequence), \
+    streams AS ( \
+    SELECT t, i, last_sequence FROM locked WHERE last_sequence IS NOT NULL \
+    UNION ALL SELECT t, i, last_sequence FROM created) \
+    SELECT c.next_offset, s.t, s.i, s.last_sequence, coalesce(( \
     SELECT true FROM tidings_parked p WHERE p.projection = $1 \
-    AND p.aggregate_type = l.aggregate_type AND p.aggregate_id = l.aggregate_id LIMIT 1), false) \
-    FROM c CROSS JOIN locked l";
+    AND p.aggregate_type = s.t AND p.aggregate_id = s.i LIMIT 1), false) \
+    FROM c LEFT JOIN streams s ON true";
 
 /// Which of the given streams have parked events (read after the batch's
 /// locks are granted).
@@ -193,96 +144,70 @@ const SAVE_POSITIONS: &str = "WITH streams AS ( \
     UPDATE tidings_checkpoints SET next_offset = $4, updated_at = now() \
     WHERE projection = $1 AND topic = $2 AND partition = $3";
 
-/// Applies `messages` (one partition, in offset order) in one transaction.
+/// A row of [`BEGIN_BATCH`]: the next offset, then a stream (type, id,
+/// last sequence, whether parked), absent when no stream was locked.
+type LockedRow = (i64, Option<String>, Option<String>, Option<i64>, bool);
+
+/// Parks events set-based: one statement for all of a batch's.
+const PARK: &str = "INSERT INTO tidings_parked (projection, aggregate_type, aggregate_id, sequence, topic, \
+    partition, \"offset\", dead_letter, reason, message_key, headers, value, raw_key, raw_headers) \
+    SELECT $1, t, i, s, $2, $3, o, d, r, k, h::jsonb, v, rk, rh \
+    FROM UNNEST($4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bool[], $9::text[], \
+    $10::text[], $11::text[], $12::bytea[], $13::bytea[], $14::bytea[]) AS u(t, i, s, o, d, r, k, h, v, rk, rh) \
+    ON CONFLICT (projection, topic, partition, \"offset\") DO NOTHING";
+
+/// Counts the events skipped unread, per type, version and reason.
+const COUNT_IGNORED: &str = "INSERT INTO tidings_projection_ignored AS i (projection, event_type, event_version, reason, events) \
+    SELECT $1, t, v, r, n FROM UNNEST($2::text[], $3::int[], $4::text[], $5::bigint[]) AS u(t, v, r, n) \
+    ON CONFLICT (projection, event_type, event_version, reason) \
+    DO UPDATE SET events = i.events + EXCLUDED.events, last_at = now()";
+
+/// Applies `messages` (one partition, in offset order) in one transaction
+/// on `conn`. `careful`: one event at a time, each in a savepoint (after
+/// the projection refused this batch without naming the event, or more
+/// than once).
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn apply_batch<P: Projection>(
-    pool: &PgPool,
+pub(crate) async fn apply_messages<P: Projection>(
+    conn: &mut PgConnection,
     projection: &P,
     generation: i32,
     messages: &[Message],
     poison: &HashMap<i64, String>,
     careful: bool,
-    (unknown_types, newer_versions): (UnknownTypes, NewerVersions),
+    policies: (UnknownTypes, NewerVersions),
 ) -> Result<Outcome, Failure> {
     let Some(first) = messages.first() else {
         return Ok(Outcome::default());
     };
     let name = projection.name();
     let db = |what: &str| Error::db(format!("projection {name}: {what}"));
-    let mut tx = pool.begin().await.map_err(db("beginning a batch"))?;
 
-    // Decode everything first; a poison message is known by its offset.
-    let decoded: Vec<(Stream, Decoded<P::Event>)> = messages
-        .iter()
-        .map(|m| {
-            let raw = match m.value.as_deref() {
-                Some(bytes) => RawEnvelope::from_slice(bytes),
-                None => Err(crate::DecodeError::Envelope("empty message".into())),
-            };
-            match raw {
-                Ok(raw) => {
-                    let stream = (clean(&raw.aggregate_type), clean(&raw.aggregate_id));
-                    // A sequence outside 1..=i64::MAX is bad input, never a
-                    // duplicate to skip in silence.
-                    let Some(sequence) = i64::try_from(raw.sequence).ok().filter(|s| *s > 0)
-                    else {
-                        let reason = format!(
-                            "invalid sequence {}: sequences start at 1 and fit in a signed 64-bit integer",
-                            raw.sequence
-                        );
-                        return (stream, Decoded::Poison(reason, None));
-                    };
-                    let at = sequence;
-                    let sequence = Some(sequence);
-                    if let Some(reason) = poison.get(&m.offset).cloned().or_else(|| oversized(&raw))
-                    {
-                        return (stream, Decoded::Poison(reason, sequence));
-                    }
-                    // Decoding runs user code (typed upcasters, custom
-                    // Deserialize impls): a panic there is this event's
-                    // poison, never the partition's end.
-                    let (event_type, version) = (raw.event_type.clone(), raw.event_version);
-                    let decoding = std::panic::AssertUnwindSafe(|| raw.decode::<P::Event>());
-                    match std::panic::catch_unwind(decoding) {
-                        Ok(Ok(envelope)) => (stream, Decoded::Event(envelope)),
-                        Ok(Err(e)) if let Some(why) = skipped_unread(&e, unknown_types, newer_versions) => {
-                            let ignored =
-                                Decoded::Ignored(at, clean(&event_type), version as i32, why);
-                            (stream, ignored)
-                        }
-                        Ok(Err(e)) => (stream, Decoded::Poison(e.to_string(), sequence)),
-                        Err(panic) => {
-                            let reason = format!("decoding panicked: {}", panic_message(&*panic));
-                            (stream, Decoded::Poison(reason, sequence))
-                        }
-                    }
-                }
-                Err(e) => {
-                    let reason = poison
-                        .get(&m.offset)
-                        .cloned()
-                        .unwrap_or_else(|| e.to_string());
-                    (stream_of(m), Decoded::Poison(reason, None))
-                }
-            }
-        })
-        .collect();
+    // Decode everything first (no transaction is open meanwhile); a poison
+    // message is known by its offset.
+    let decoded: Vec<(Stream, Decoded<P::Event>)> = decode_all(messages, poison, policies);
 
-    // Lock the checkpoint and the streams of the batch (creating their
-    // rows), read the next offset, the streams' last sequences and whether
-    // they are parked.
-    let mut keys: Vec<&Stream> = decoded.iter().map(|(s, _)| s).collect();
+    // Each stream once, in key order, with the last offset it has here.
+    let mut last_offset: HashMap<&Stream, i64> = HashMap::new();
+    for (message, (stream, _)) in messages.iter().zip(&decoded) {
+        last_offset.insert(stream, message.offset);
+    }
+    let mut keys: Vec<(&Stream, i64)> = last_offset.into_iter().collect();
     keys.sort();
-    keys.dedup();
-    let types: Vec<&str> = keys.iter().map(|s| s.0.as_str()).collect();
-    let ids: Vec<&str> = keys.iter().map(|s| s.1.as_str()).collect();
-    let rows: Vec<(i64, String, String, i64, bool)> = sqlx::query_as(BEGIN_BATCH)
+    let types: Vec<&str> = keys.iter().map(|(s, _)| s.0.as_str()).collect();
+    let ids: Vec<&str> = keys.iter().map(|(s, _)| s.1.as_str()).collect();
+    let offsets: Vec<i64> = keys.iter().map(|(_, o)| *o).collect();
+
+    let mut tx = sqlx::Connection::begin(&mut *conn)
+        .await
+        .map_err(db("beginning a batch"))?;
+    let rows: Vec<LockedRow> = sqlx::query_as(BEGIN_BATCH)
         .bind(name)
         .bind(&first.topic)
         .bind(first.partition)
         .bind(generation)
         .bind(&types)
         .bind(&ids)
+        .bind(&offsets)
         .fetch_all(&mut *tx)
         .await
         .map_err(db("locking the checkpoint and the streams"))?;
@@ -292,6 +217,9 @@ pub(crate) async fn apply_batch<P: Projection>(
     let mut last_sequence: HashMap<Stream, i64> = HashMap::with_capacity(rows.len());
     let mut blocked: HashSet<Stream> = HashSet::new();
     for (_, kind, id, sequence, parked) in rows {
+        let (Some(kind), Some(id), Some(sequence)) = (kind, id, sequence) else {
+            continue;
+        };
         if parked {
             blocked.insert((kind.clone(), id.clone()));
         }
@@ -324,168 +252,66 @@ pub(crate) async fn apply_batch<P: Projection>(
         ..Outcome::default()
     };
     let Some(&(last, _)) = fresh.last() else {
+        // Nothing past the checkpoint: nothing was written; roll back.
         return Ok(outcome);
     };
     let new_next = last.offset + 1;
 
-    let mut changed: HashSet<Stream> = HashSet::new();
-    let mut parked: Vec<(&Message, &Stream, Option<i64>, bool, String)> = Vec::new();
-    let mut ignored: BTreeMap<(&str, i32, &str), i64> = BTreeMap::new();
-    for &(message, (stream, item)) in &fresh {
-        if blocked.contains(stream) {
-            let sequence = match item {
-                Decoded::Event(e) => Some(e.sequence as i64),
-                Decoded::Ignored(sequence, ..) => Some(*sequence),
-                Decoded::Poison(_, sequence) => *sequence,
-            };
-            let reason = "parked behind an earlier dead-lettered event of its stream".to_owned();
-            parked.push((message, stream, sequence, false, reason));
-            continue;
-        }
-        let envelope = match item {
-            Decoded::Event(envelope) => envelope,
-            // Skipped unread, by policy: its position is taken like an
-            // applied event's (duplicates skipped, gaps parked).
-            Decoded::Ignored(sequence, event_type, version, why) => {
-                let last = last_sequence.get(stream).copied().unwrap_or(0);
-                if *sequence <= last {
-                    outcome.skipped += 1;
-                } else if *sequence > last + 1 {
-                    let reason = format!(
-                        "sequence gap: expected {} of {}/{}, got {sequence}",
-                        last + 1,
-                        stream.0,
-                        stream.1
-                    );
-                    parked.push((message, stream, Some(*sequence), true, reason));
-                    blocked.insert(stream.clone());
-                } else {
-                    outcome.ignored += 1;
-                    *ignored
-                        .entry((event_type.as_str(), *version, *why))
-                        .or_insert(0) += 1;
-                    last_sequence.insert(stream.clone(), *sequence);
-                    changed.insert(stream.clone());
-                }
-                continue;
-            }
-            // Already applied (a republished duplicate that no longer
-            // decodes, say after a variant was removed): skipped, never a
-            // reason to park an up-to-date stream.
-            Decoded::Poison(_, Some(sequence))
-                if *sequence <= last_sequence.get(stream).copied().unwrap_or(0) =>
-            {
-                outcome.skipped += 1;
-                continue;
-            }
-            Decoded::Poison(reason, sequence) => {
-                parked.push((message, stream, *sequence, true, reason.clone()));
-                blocked.insert(stream.clone());
-                continue;
-            }
-        };
-        let sequence = envelope.sequence as i64;
-        let last = last_sequence.get(stream).copied().unwrap_or(0);
-        if sequence <= last {
-            outcome.skipped += 1;
-            continue;
-        }
-        if sequence > last + 1 {
-            let reason = format!(
-                "sequence gap: expected {} of {}/{}, got {sequence}",
-                last + 1,
-                stream.0,
-                stream.1
+    let mut planned = plan(&fresh, &last_sequence, &mut blocked);
+    let span = tracing::debug_span!(
+        "tidings.projection.batch",
+        projection = name,
+        topic = first.topic,
+        partition = first.partition,
+        events = tracing::field::Empty,
+    );
+    if careful {
+        apply_one_by_one(projection, &mut tx, &mut planned, &span).await?;
+    } else {
+        let ready: Vec<usize> = (0..planned.len())
+            .filter(|&i| matches!(planned[i].action, Action::Apply(_)))
+            .collect();
+        if !ready.is_empty() {
+            let batch = Batch::new(
+                ready
+                    .iter()
+                    .filter_map(|&i| match planned[i].action {
+                        Action::Apply(envelope) => Some(envelope),
+                        _ => None,
+                    })
+                    .collect(),
             );
-            parked.push((message, stream, Some(sequence), true, reason));
-            blocked.insert(stream.clone());
-            continue;
-        }
-        let span = tracing::debug_span!(
-            "tidings.projection.apply",
-            projection = name,
-            event_id = %envelope.event_id,
-            event_type = envelope.event_type,
-            aggregate_id = envelope.aggregate_id,
-            sequence = envelope.sequence,
-            correlation_id = envelope.correlation_id.as_deref(),
-            causation_id = envelope.causation_id.as_deref()
-        );
-        // A handler that panics on an event must not take the partition
-        // down: its panic makes the event poison. In careful mode (after a
-        // poison event in this batch) each event runs in a savepoint, so a
-        // refusal is set aside at once instead of restarting the batch: a
-        // batch costs at most two passes, whatever the number of refusals.
-        let refusal = if careful {
-            let mut savepoint = sqlx::Connection::begin(&mut *tx)
-                .await
-                .map_err(db("creating a savepoint"))?;
-            let refusal = apply_one(projection, &mut savepoint, envelope, span).await?;
-            if refusal.is_none() {
-                savepoint
-                    .commit()
-                    .await
-                    .map_err(db("releasing a savepoint"))?;
-            } else {
-                savepoint
-                    .rollback()
-                    .await
-                    .map_err(db("rolling back a savepoint"))?;
+            span.record("events", batch.len());
+            for envelope in batch.events() {
+                event_span(name, envelope, &span);
             }
-            refusal
-        } else {
-            apply_one(projection, &mut tx, envelope, span).await?
-        };
-        match refusal {
-            None => {
-                outcome.applied += 1;
-                last_sequence.insert(stream.clone(), sequence);
-                changed.insert(stream.clone());
-            }
-            Some(reason) if careful => {
-                parked.push((message, stream, Some(sequence), true, reason));
-                blocked.insert(stream.clone());
-            }
-            Some(reason) => {
-                return Err(Failure::Poison {
-                    offset: message.offset,
-                    reason,
-                });
+            match call(projection, &mut tx, &batch, span.clone()).await {
+                Ok(()) => {}
+                Err(Refusal::Transient(error)) => return Err(Failure::Transient(error)),
+                Err(Refusal::At(index, reason)) => {
+                    return Err(Failure::Poison {
+                        offset: planned[ready[index]].message.offset,
+                        reason,
+                    });
+                }
+                Err(Refusal::Unknown(reason)) => return Err(Failure::Locate(reason)),
             }
         }
     }
 
     // Parked events, positions, checkpoint: all in this transaction.
-    for (message, stream, sequence, dead_letter, reason) in &parked {
-        sqlx::query(
-            "INSERT INTO tidings_parked (projection, aggregate_type, aggregate_id, sequence, topic, partition, \
-             \"offset\", dead_letter, reason, message_key, headers, value, raw_key, raw_headers) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
-             ON CONFLICT (projection, topic, partition, \"offset\") DO NOTHING",
-        )
-        .bind(name)
-        .bind(&stream.0)
-        .bind(&stream.1)
-        .bind(sequence)
-        .bind(&message.topic)
-        .bind(message.partition)
-        .bind(message.offset)
-        .bind(dead_letter)
-        .bind(clean(reason))
-        .bind(message.key.as_deref().map(|k| clean(&String::from_utf8_lossy(k))))
-        .bind(sqlx::types::Json(message.readable_headers()))
-        .bind(message.value.as_deref())
-        .bind(message.key.as_deref())
-        .bind(encode_headers(&message.headers))
-        .execute(&mut *tx)
+    park(&mut tx, name, first, &planned, &mut outcome)
         .await
-        .map_err(db("parking an event"))?;
-        if *dead_letter {
-            outcome.dead_lettered += 1;
-        } else {
-            outcome.parked += 1;
-        }
-    }
+        .map_err(db("parking events"))?;
+    let (positions, ignored) = positions(&planned);
+    outcome.applied = planned
+        .iter()
+        .filter(|p| matches!(p.action, Action::Apply(_)))
+        .count() as u64;
+    outcome.skipped += planned
+        .iter()
+        .filter(|p| matches!(p.action, Action::Skip))
+        .count() as u64;
     if !ignored.is_empty() {
         let (mut types, mut versions, mut reasons, mut counts) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -494,29 +320,25 @@ pub(crate) async fn apply_batch<P: Projection>(
             versions.push(*version);
             reasons.push(*reason);
             counts.push(*count);
+            outcome.ignored += *count as u64;
         }
-        sqlx::query(
-            "INSERT INTO tidings_projection_ignored AS i (projection, event_type, event_version, reason, events) \
-             SELECT $1, t, v, r, n FROM UNNEST($2::text[], $3::int[], $4::text[], $5::bigint[]) AS u(t, v, r, n) \
-             ON CONFLICT (projection, event_type, event_version, reason) \
-             DO UPDATE SET events = i.events + EXCLUDED.events, last_at = now()",
-        )
-        .bind(name)
-        .bind(&types)
-        .bind(&versions)
-        .bind(&reasons)
-        .bind(&counts)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("counting the events skipped unread"))?;
+        sqlx::query(COUNT_IGNORED)
+            .bind(name)
+            .bind(&types)
+            .bind(&versions)
+            .bind(&reasons)
+            .bind(&counts)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("counting the events skipped unread"))?;
     }
-    let mut types = Vec::with_capacity(changed.len());
-    let mut ids = Vec::with_capacity(changed.len());
-    let mut sequences = Vec::with_capacity(changed.len());
-    for stream in &changed {
+    let mut types = Vec::with_capacity(positions.len());
+    let mut ids = Vec::with_capacity(positions.len());
+    let mut sequences = Vec::with_capacity(positions.len());
+    for (stream, sequence) in &positions {
         types.push(stream.0.as_str());
         ids.push(stream.1.as_str());
-        sequences.push(last_sequence[stream]);
+        sequences.push(*sequence);
     }
     sqlx::query(SAVE_POSITIONS)
         .bind(name)
@@ -537,52 +359,185 @@ pub(crate) async fn apply_batch<P: Projection>(
     Ok(outcome)
 }
 
-/// Why an event that does not decode is skipped unread under the
-/// projection's policies, if it is.
-fn skipped_unread(
-    error: &crate::DecodeError,
-    unknown_types: UnknownTypes,
-    newer_versions: NewerVersions,
-) -> Option<&'static str> {
-    match error {
-        crate::DecodeError::UnknownType { .. } if unknown_types == UnknownTypes::Skip => {
-            Some(UNKNOWN_TYPE)
+/// Careful mode: each event to apply as a batch of one in a savepoint; a
+/// refused event becomes a dead letter, and what follows it in its stream
+/// is parked behind it.
+async fn apply_one_by_one<P: Projection>(
+    projection: &P,
+    tx: &mut PgConnection,
+    planned: &mut [Planned<'_, P::Event>],
+    span: &tracing::Span,
+) -> Result<(), Failure> {
+    let name = projection.name();
+    let db = |what: &str| Error::db(format!("projection {name}: {what}"));
+    let mut refused: HashSet<&Stream> = HashSet::new();
+    for p in planned.iter_mut() {
+        if refused.contains(p.stream) {
+            p.action = Action::Park {
+                dead_letter: false,
+                reason: PARKED_BEHIND.to_owned(),
+            };
+            continue;
         }
-        crate::DecodeError::FutureVersion { .. } if newer_versions == NewerVersions::Skip => {
-            Some(NEWER_VERSION)
+        let Action::Apply(envelope) = p.action else {
+            continue;
+        };
+        let event = event_span(name, envelope, span);
+        let mut savepoint = sqlx::Connection::begin(&mut *tx)
+            .await
+            .map_err(db("creating a savepoint"))?;
+        match call(projection, &mut savepoint, &Batch::one(envelope), event).await {
+            Ok(()) => savepoint
+                .commit()
+                .await
+                .map_err(db("releasing a savepoint"))?,
+            Err(Refusal::Transient(error)) => return Err(Failure::Transient(error)),
+            Err(Refusal::At(_, reason) | Refusal::Unknown(reason)) => {
+                savepoint
+                    .rollback()
+                    .await
+                    .map_err(db("rolling back a savepoint"))?;
+                p.action = Action::Park {
+                    dead_letter: true,
+                    reason,
+                };
+                refused.insert(p.stream);
+            }
         }
-        _ => None,
     }
+    Ok(())
 }
 
-/// Applies one event; `Some(why)` when the projection refuses it for good
-/// (a permanent error or a panic).
-async fn apply_one<P: Projection>(
+/// The span of one event applied, a child of its batch's.
+fn event_span<E>(
+    name: &str,
+    envelope: &crate::Envelope<E>,
+    batch: &tracing::Span,
+) -> tracing::Span {
+    tracing::debug_span!(
+        parent: batch,
+        "tidings.projection.apply",
+        projection = name,
+        event_id = %envelope.event_id,
+        event_type = envelope.event_type,
+        aggregate_id = envelope.aggregate_id,
+        sequence = envelope.sequence,
+        correlation_id = envelope.correlation_id.as_deref(),
+        causation_id = envelope.causation_id.as_deref()
+    )
+}
+
+/// Writes the batch's parked events and dead letters, in one statement.
+async fn park<E>(
+    tx: &mut PgConnection,
+    name: &str,
+    first: &Message,
+    planned: &[Planned<'_, E>],
+    outcome: &mut Outcome,
+) -> Result<(), sqlx::Error> {
+    let mut rows = ParkRows::default();
+    for p in planned {
+        let Action::Park {
+            dead_letter,
+            reason,
+        } = &p.action
+        else {
+            continue;
+        };
+        if *dead_letter {
+            outcome.dead_lettered += 1;
+        } else {
+            outcome.parked += 1;
+        }
+        let m = p.message;
+        rows.types.push(p.stream.0.as_str());
+        rows.ids.push(p.stream.1.as_str());
+        rows.sequences.push(p.sequence);
+        rows.offsets.push(m.offset);
+        rows.dead_letters.push(*dead_letter);
+        rows.reasons.push(clean(reason));
+        rows.keys
+            .push(m.key.as_deref().map(|k| clean(&String::from_utf8_lossy(k))));
+        rows.headers
+            .push(serde_json::to_string(&m.readable_headers()).unwrap_or_else(|_| "{}".to_owned()));
+        rows.values.push(m.value.as_deref());
+        rows.raw_keys.push(m.key.as_deref());
+        rows.raw_headers.push(encode_headers(&m.headers));
+    }
+    if rows.types.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(PARK)
+        .bind(name)
+        .bind(&first.topic)
+        .bind(first.partition)
+        .bind(&rows.types)
+        .bind(&rows.ids)
+        .bind(&rows.sequences)
+        .bind(&rows.offsets)
+        .bind(&rows.dead_letters)
+        .bind(&rows.reasons)
+        .bind(&rows.keys)
+        .bind(&rows.headers)
+        .bind(&rows.values)
+        .bind(&rows.raw_keys)
+        .bind(&rows.raw_headers)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// The columns of a batch's parked rows.
+#[derive(Default)]
+struct ParkRows<'m> {
+    types: Vec<&'m str>,
+    ids: Vec<&'m str>,
+    sequences: Vec<Option<i64>>,
+    offsets: Vec<i64>,
+    dead_letters: Vec<bool>,
+    reasons: Vec<String>,
+    keys: Vec<Option<String>>,
+    headers: Vec<String>,
+    values: Vec<Option<&'m [u8]>>,
+    raw_keys: Vec<Option<&'m [u8]>>,
+    raw_headers: Vec<Vec<u8>>,
+}
+
+/// How the projection's code refused a batch.
+enum Refusal {
+    Transient(String),
+    /// The event at this index of the batch can never apply.
+    At(usize, String),
+    /// Something in the batch can never apply; which is not known.
+    Unknown(String),
+}
+
+/// Calls the projection's `apply_batch`, a panic caught as a refusal that
+/// names no event.
+async fn call<P: Projection>(
     projection: &P,
-    conn: &mut sqlx::PgConnection,
-    envelope: &Envelope<P::Event>,
+    conn: &mut PgConnection,
+    batch: &Batch<'_, P::Event>,
     span: tracing::Span,
-) -> Result<Option<String>, Failure> {
+) -> Result<(), Refusal> {
     let applying = std::panic::AssertUnwindSafe(tracing::Instrument::instrument(
-        projection.apply(conn, envelope),
+        projection.apply_batch(conn, batch),
         span,
     ));
     match futures::FutureExt::catch_unwind(applying).await {
-        Ok(Ok(())) => Ok(None),
-        Ok(Err(ApplyError::Transient(e))) => Err(Failure::Transient(e.to_string())),
-        Ok(Err(ApplyError::Permanent(e))) => Ok(Some(e.to_string())),
-        Err(panic) => Ok(Some(format!(
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(BatchError::Transient(e))) => Err(Refusal::Transient(e.to_string())),
+        Ok(Err(BatchError::Permanent { index, error })) if index < batch.len() => {
+            Err(Refusal::At(index, error.to_string()))
+        }
+        Ok(Err(BatchError::Permanent { index, error })) => Err(Refusal::Unknown(format!(
+            "{error} (the projection named event {index} of a batch of {})",
+            batch.len()
+        ))),
+        Ok(Err(BatchError::Unattributed(e))) => Err(Refusal::Unknown(e.to_string())),
+        Err(panic) => Err(Refusal::Unknown(format!(
             "the projection panicked: {}",
             panic_message(&*panic)
         ))),
     }
-}
-
-/// The message of a caught panic.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_owned())
 }

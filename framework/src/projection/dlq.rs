@@ -15,7 +15,7 @@ use sqlx::{Connection, PgPool};
 
 use crate::envelope::RawEnvelope;
 use crate::error::{Error, Result};
-use crate::projection::apply::panic_message;
+use crate::projection::panic_message;
 use crate::projection::{ApplyError, Projection};
 
 /// An event a projection did not apply.

@@ -52,9 +52,11 @@
 //!   version (its rows, consumer groups and dead letter topic).
 
 mod apply;
+mod batch;
 mod dead_letters;
 mod dlq;
 mod evolution;
+mod plan;
 mod runner;
 mod setup;
 mod status;
@@ -66,6 +68,7 @@ use sqlx::PgConnection;
 use crate::envelope::Envelope;
 use crate::event::Event;
 
+pub use batch::{Batch, BatchError, StreamEvents};
 pub use dlq::{
     ParkedEvent, ParkedMessage, RedriveReport, list_parked, redrive, redrive_stream, show_parked,
     skip_dead_letter,
@@ -107,19 +110,29 @@ impl ApplyError {
 }
 
 /// Database errors are transient, except those that can never succeed on
-/// the same input (constraint and data errors), which are permanent.
+/// the same input (cardinality, data and constraint errors), which are
+/// permanent.
 impl From<sqlx::Error> for ApplyError {
     fn from(error: sqlx::Error) -> Self {
-        if let sqlx::Error::Database(db) = &error {
-            // Class 22: data exception; class 23: integrity constraint violation.
-            if let Some(code) = db.code()
-                && (code.starts_with("22") || code.starts_with("23"))
-            {
-                return ApplyError::Permanent(Box::new(error));
-            }
+        if never_succeeds(&error) {
+            return ApplyError::Permanent(Box::new(error));
         }
         ApplyError::Transient(Box::new(error))
     }
+}
+
+/// Whether a database error can never succeed on the same input. Class 21:
+/// cardinality violation (an upsert touching a row twice); class 22: data
+/// exception; class 23: integrity constraint violation.
+fn never_succeeds(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = error else {
+        return false;
+    };
+    db.code().is_some_and(|code| {
+        ["21", "22", "23"]
+            .iter()
+            .any(|class| code.starts_with(class))
+    })
 }
 
 /// A read model built from events.
@@ -178,8 +191,43 @@ pub trait Projection: Send + Sync + 'static {
         envelope: &Envelope<Self::Event>,
     ) -> Result<(), ApplyError>;
 
+    /// Applies a batch of events inside the runner's transaction: what the
+    /// runner decided to apply of one partition's batch, in offset order
+    /// (see [`Batch`] for what it holds and what the result must equal).
+    ///
+    /// The default calls [`apply`](Projection::apply) for each event.
+    /// Override it to write each batch with a few set-based statements
+    /// (fold [`Batch::by_stream`], then `INSERT … SELECT FROM UNNEST`):
+    /// that is what makes a replay fast. Return
+    /// [`BatchError::Permanent`] naming the event that can never apply, or
+    /// [`BatchError::Unattributed`] (what a constraint error becomes through
+    /// `?`) when it is not known: the runner then applies the batch one
+    /// event at a time, each in a savepoint, to find it. A panic is handled
+    /// like an unattributed error.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        batch: &Batch<'_, Self::Event>,
+    ) -> Result<(), BatchError> {
+        for (index, envelope) in batch.events().iter().enumerate() {
+            self.apply(conn, envelope)
+                .await
+                .map_err(|error| BatchError::at(index, error))?;
+        }
+        Ok(())
+    }
+
     /// Empties the read model, for a replay. Runs in the replay's transaction.
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ApplyError>;
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
 /// Checks a projection name: it becomes part of group ids and topic names.

@@ -10,13 +10,15 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Stre
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::kafka::{KafkaConfig, TopicSpec, ensure_topics};
-use crate::projection::apply::{Failure, Message, apply_batch};
+use crate::projection::apply::{Failure, apply_messages};
 use crate::projection::dead_letters::Sender;
+use crate::projection::plan::Message;
 use crate::projection::{Projection, status, validate_projection_name};
 
 /// How a projection runner runs.
@@ -893,6 +895,9 @@ fn backoff(failures: u32, max: Duration) -> Duration {
     base.min(max).mul_f64(0.5 + fastrand::f64() / 2.0)
 }
 
+/// How long a partition worker keeps its connection while no message comes.
+const HOLD_IDLE: Duration = Duration::from_secs(1);
+
 #[allow(clippy::too_many_arguments)]
 async fn partition_worker<P: Projection>(
     pool: PgPool,
@@ -906,7 +911,24 @@ async fn partition_worker<P: Projection>(
     stale: mpsc::UnboundedSender<()>,
 ) {
     let name = projection.name().to_owned();
-    while let Some(first) = receiver.recv().await {
+    // One connection held across batches: no ping per acquire (the pool
+    // tests connections it hands out). Given back when idle for a second,
+    // when someone may be waiting for one, and after a failure.
+    let mut held: Option<PoolConnection<Postgres>> = None;
+    loop {
+        let first = match held {
+            Some(_) => match tokio::time::timeout(HOLD_IDLE, receiver.recv()).await {
+                Ok(first) => first,
+                Err(_) => {
+                    held = None;
+                    receiver.recv().await
+                }
+            },
+            None => receiver.recv().await,
+        };
+        let Some(first) = first else {
+            break;
+        };
         let mut batch = vec![first];
         while batch.len() < config.batch_size {
             match receiver.try_recv() {
@@ -916,8 +938,10 @@ async fn partition_worker<P: Projection>(
         }
         let mut poison: HashMap<i64, String> = HashMap::new();
         let mut failures = 0u32;
-        // After a poison event, the batch is applied again with a savepoint
-        // per event: refusals are then set aside in the same pass.
+        // After the projection refused the batch without naming the event,
+        // or a second time, the batch is applied again with a savepoint per
+        // event: refusals are then set aside in the same pass, so a batch
+        // costs a bounded number of passes whatever its number of refusals.
         let mut careful = false;
         loop {
             for message in &batch {
@@ -931,12 +955,33 @@ async fn partition_worker<P: Projection>(
                     });
                 }
             }
+            let mut conn = match held.take() {
+                Some(conn) => conn,
+                None => match pool.acquire().await {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        failures += 1;
+                        stats.retries.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            projection = name,
+                            failures,
+                            %error,
+                            "projection: no database connection for a batch; retrying"
+                        );
+                        if receiver.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(backoff(failures, config.max_backoff)).await;
+                        continue;
+                    }
+                },
+            };
             // Every message's own code runs under a guard that turns a
             // panic into that message's poison; this one is the net for
             // anything else, so the worker (and what is queued to it)
             // never dies with the partition still assigned.
-            let applying = std::panic::AssertUnwindSafe(apply_batch(
-                &pool,
+            let applying = std::panic::AssertUnwindSafe(apply_messages(
+                &mut conn,
                 projection.as_ref(),
                 generation,
                 &batch,
@@ -958,9 +1003,31 @@ async fn partition_worker<P: Projection>(
             .unwrap_or_else(|panic| {
                 Err(Failure::Transient(format!(
                     "the batch panicked: {}",
-                    super::apply::panic_message(&*panic)
+                    super::panic_message(&*panic)
                 )))
             });
+            match &applied {
+                // Kept unless someone may be waiting for a connection.
+                Ok(_)
+                    if pool.num_idle() > 0
+                        || pool.size() < pool.options().get_max_connections() =>
+                {
+                    held = Some(conn);
+                }
+                Ok(_) | Err(Failure::Poison { .. } | Failure::Locate(_)) => drop(conn),
+                // Its state is unknown (abandoned mid-statement, say):
+                // closed rather than handed back.
+                Err(_) => {
+                    let conn = conn.detach();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            sqlx::Connection::close(conn),
+                        )
+                        .await;
+                    });
+                }
+            }
             match applied {
                 Ok(outcome) => {
                     stats.applied.fetch_add(outcome.applied, Ordering::Relaxed);
@@ -993,7 +1060,19 @@ async fn partition_worker<P: Projection>(
                         reason,
                         "projection: dead-lettering a poison event"
                     );
+                    // The first refusal naming its event: planned again
+                    // without it, still as one batch; a second: one by one.
+                    careful = !poison.is_empty();
                     poison.insert(offset, reason);
+                }
+                Err(Failure::Locate(reason)) => {
+                    tracing::warn!(
+                        projection = name,
+                        topic = batch[0].topic,
+                        partition = batch[0].partition,
+                        reason,
+                        "projection: the batch was refused without naming the event; applying it one event at a time"
+                    );
                     careful = true;
                 }
                 Err(Failure::Transient(error)) => {
