@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use sqlx::PgConnection;
-use tidings::projection::{ApplyError, Projection, Runner};
+use tidings::projection::{ApplyError, Batch, BatchError, Projection, Runner};
 use tidings::{Envelope, Event, RawEnvelope};
 
 use crate::{TestDb, create_topic_named, unique};
@@ -71,10 +71,57 @@ impl Projection for GaugeView {
         Ok(())
     }
 
+    /// Set-based (the last value and the count per gauge, one upsert),
+    /// unless `TIDINGS_TEST_APPLY=each`.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        batch: &Batch<'_, GaugeEvent>,
+    ) -> Result<(), BatchError> {
+        if crate::pipeline::one_at_a_time() {
+            for (index, envelope) in batch.events().iter().enumerate() {
+                self.apply(conn, envelope)
+                    .await
+                    .map_err(|e| BatchError::at(index, e))?;
+            }
+            return Ok(());
+        }
+        upsert_folded(conn, batch).await
+    }
+
     async fn reset(&self, conn: &mut PgConnection) -> Result<(), ApplyError> {
         sqlx::query("TRUNCATE gauge_view").execute(conn).await?;
         Ok(())
     }
+}
+
+/// Writes a batch to `gauge_view` set-based: folded per gauge (its last
+/// value, its count), one upsert.
+pub async fn upsert_folded(
+    conn: &mut PgConnection,
+    batch: &Batch<'_, GaugeEvent>,
+) -> Result<(), BatchError> {
+    let (mut ids, mut values, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+    for stream in batch.by_stream() {
+        let Some((_, last)) = stream.events.last() else {
+            continue;
+        };
+        let GaugeEvent::Set { value } = last.payload;
+        ids.push(stream.aggregate_id);
+        values.push(value);
+        counts.push(stream.events.len() as i64);
+    }
+    sqlx::query(
+            "INSERT INTO gauge_view AS g (id, value, events) \
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) \
+             ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value, events = g.events + EXCLUDED.events",
+        )
+        .bind(&ids)
+        .bind(&values)
+        .bind(&counts)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// A version 1 envelope of gauge `id`.
