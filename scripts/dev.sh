@@ -147,6 +147,13 @@ case "$cmd" in
         cd "$ROOT"
         export TIDINGS_NISSHI="$NISSHI"
         cargo test --workspace --locked "${@:2}"
+        if [ $# -le 1 ]; then
+            # The read side's suites again, their projections applying one
+            # event at a time instead of set-based batches: both paths.
+            say "the read side again, one event at a time (TIDINGS_TEST_APPLY=each)"
+            TIDINGS_TEST_APPLY=each cargo test --locked -p tidings-tests \
+                --test projection --test projection_faults --test dead_letters --test batched_apply
+        fi
         ;;
     quickstart)
         # No broker install for a first run: a broker the user names, else

@@ -40,6 +40,13 @@
 //! - **A panic is one event's poison.** A panic while decoding (a typed
 //!   upcaster, a custom `Deserialize`) or applying dead-letters that event
 //!   and parks its stream; nothing queued behind it is dropped.
+//! - **Batches, set-based.** A partition's batch is planned under its locks
+//!   (what is fresh, duplicate, a gap, poison or parked) before the
+//!   projection sees it; [`Projection::apply_batch`] then gets what applies
+//!   at once, in offset order, so it can write each batch with a few
+//!   set-based statements. A refusal that names its event dead-letters that
+//!   event and plans the batch again; one that names none, or a panic,
+//!   applies the batch one event at a time in savepoints to find it.
 //! - **Independent partitions.** Each partition is applied by its own task,
 //!   in batches; a partition that retries a transient error is paused at the
 //!   consumer while the others go on.
