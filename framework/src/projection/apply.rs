@@ -71,10 +71,10 @@ impl From<Error> for Failure {
 /// In one round trip: locks the projection's generation (shared) and the
 /// partition's checkpoint, returning its next offset, and only when this
 /// instance's generation is current; then locks the streams that have a
-/// message at or past the checkpoint (creating the rows of new ones) and
-/// reads their last sequences and whether they are parked. No row: the
-/// generation was replaced. One row with no stream: every message is
-/// below the checkpoint.
+/// message at or past the checkpoint and reads their last sequences (none
+/// for a new stream, whose row [`CLAIM`] creates) and whether they are
+/// parked. No row: the generation was replaced. One row with no stream:
+/// every message is below the checkpoint.
 ///
 /// The batch first takes the projection's advisory lock in shared mode: a
 /// replay takes it exclusively, and a heavyweight lock's queue is first come,
@@ -82,10 +82,11 @@ impl From<Error> for Failure {
 /// a steady stream of overlapping ones (row locks would starve it).
 ///
 /// Rows that exist are locked `FOR UPDATE` (no new row version); the
-/// checkpoint and streams are created only when missing. A row created by
+/// checkpoint is created only when missing. A checkpoint created by
 /// another transaction after this statement's snapshot is not seen by the
 /// `FOR UPDATE` scan, and its insert then conflicts: `DO UPDATE` locks it and
-/// returns its latest version. Each stream row is reached through its key
+/// returns its latest version (a stream created so is caught by [`CLAIM`]).
+/// Each stream row is reached through its key
 /// (a lateral scan per key), so a generic plan cached while the table was
 /// small cannot become a hash join over every stream of the projection;
 /// streams are locked in key order (the caller sorts them).
@@ -109,19 +110,31 @@ const BEGIN_BATCH: &str = "WITH a AS ( \
     locked AS ( \
     SELECT w.t, w.i, w.n, s.last_sequence FROM wanted w LEFT JOIN LATERAL ( \
     SELECT s.last_sequence FROM tidings_projection_streams s \
-    WHERE s.projection = $1 AND s.aggregate_type = w.t AND s.aggregate_id = w.i FOR UPDATE) s ON true), \
-    created AS ( \
-    INSERT INTO tidings_projection_streams AS s (projection, aggregate_type, aggregate_id, last_sequence) \
-    SELECT $1, l.t, l.i, 0 FROM locked l WHERE l.last_sequence IS NULL ORDER BY l.n \
-    ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET last_sequence = s.last_sequence \
-    RETURNING s.aggregate_type AS t, s.aggregate_id AS i, s.last_sequence), \
-    streams AS ( \
-    SELECT t, i, last_sequence FROM locked WHERE last_sequence IS NOT NULL \
-    UNION ALL SELECT t, i, last_sequence FROM created) \
+    WHERE s.projection = $1 AND s.aggregate_type = w.t AND s.aggregate_id = w.i FOR UPDATE) s ON true) \
     SELECT c.next_offset, s.t, s.i, s.last_sequence, coalesce(( \
     SELECT true FROM tidings_parked p WHERE p.projection = $1 \
     AND p.aggregate_type = s.t AND p.aggregate_id = s.i LIMIT 1), false) \
-    FROM c LEFT JOIN streams s ON true";
+    FROM c LEFT JOIN locked s ON true ORDER BY s.n";
+
+/// After planning, before the projection runs: creates the rows of the
+/// batch's new streams at their planned positions (`DO NOTHING`: a row
+/// another transaction created meanwhile is a conflict the caller sees in
+/// the count returned, and retries), moves the existing streams to theirs
+/// and advances the checkpoint, in one round trip. Each stream row is
+/// written once per batch, and every new stream is locked (by its insert)
+/// before the projection writes anything.
+const CLAIM: &str = "WITH created AS ( \
+    INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
+    SELECT $1, t, i, seq FROM UNNEST($5::text[], $6::text[], $7::bigint[]) AS u(t, i, seq) \
+    ON CONFLICT (projection, aggregate_type, aggregate_id) DO NOTHING RETURNING 1), \
+    moved AS ( \
+    INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
+    SELECT $1, t, i, seq FROM UNNEST($8::text[], $9::text[], $10::bigint[]) AS u(t, i, seq) \
+    ON CONFLICT (projection, aggregate_type, aggregate_id) DO UPDATE SET last_sequence = EXCLUDED.last_sequence), \
+    checkpoint AS ( \
+    UPDATE tidings_checkpoints SET next_offset = $4, updated_at = now() \
+    WHERE projection = $1 AND topic = $2 AND partition = $3) \
+    SELECT count(*) FROM created";
 
 /// Which of the given streams have parked events (read after the batch's
 /// locks are granted).
@@ -129,7 +142,8 @@ const STILL_PARKED: &str = "SELECT s.t, s.i FROM UNNEST($2::text[], $3::text[]) 
     WHERE EXISTS (SELECT 1 FROM tidings_parked p WHERE p.projection = $1 \
     AND p.aggregate_type = s.t AND p.aggregate_id = s.i)";
 
-/// Saves the batch's stream positions and its checkpoint, in one round trip.
+/// Saves stream positions that changed after [`CLAIM`] (a refusal found
+/// one event at a time) and the checkpoint, in one round trip.
 ///
 /// Both statements that touch the batch's streams reach each stream row
 /// through its key whatever the plan (an upsert's arbiter index, a scalar
@@ -215,15 +229,23 @@ pub(crate) async fn apply_messages<P: Projection>(
         return Err(Failure::Stale);
     };
     let mut last_sequence: HashMap<Stream, i64> = HashMap::with_capacity(rows.len());
+    // New streams, in key order (the order their rows are created in).
+    let mut new_streams: Vec<Stream> = Vec::new();
     let mut blocked: HashSet<Stream> = HashSet::new();
     for (_, kind, id, sequence, parked) in rows {
-        let (Some(kind), Some(id), Some(sequence)) = (kind, id, sequence) else {
+        let (Some(kind), Some(id)) = (kind, id) else {
             continue;
         };
+        let stream = (kind, id);
         if parked {
-            blocked.insert((kind.clone(), id.clone()));
+            blocked.insert(stream.clone());
         }
-        last_sequence.insert((kind, id), sequence);
+        match sequence {
+            Some(sequence) => {
+                last_sequence.insert(stream, sequence);
+            }
+            None => new_streams.push(stream),
+        }
     }
     if !blocked.is_empty() {
         // BEGIN_BATCH's snapshot predates its lock waits: a re-drive that
@@ -258,6 +280,17 @@ pub(crate) async fn apply_messages<P: Projection>(
     let new_next = last.offset + 1;
 
     let mut planned = plan(&fresh, &last_sequence, &mut blocked);
+    let (claimed, _) = positions(&planned);
+    claim(
+        &mut tx,
+        name,
+        first,
+        new_next,
+        &new_streams,
+        &last_sequence,
+        &claimed,
+    )
+    .await?;
     let span = tracing::debug_span!(
         "tidings.projection.batch",
         projection = name,
@@ -300,10 +333,10 @@ pub(crate) async fn apply_messages<P: Projection>(
     }
 
     // Parked events, positions, checkpoint: all in this transaction.
+    let (positions, ignored) = positions(&planned);
     park(&mut tx, name, first, &planned, &mut outcome)
         .await
         .map_err(db("parking events"))?;
-    let (positions, ignored) = positions(&planned);
     outcome.applied = planned
         .iter()
         .filter(|p| matches!(p.action, Action::Apply(_)))
@@ -332,31 +365,93 @@ pub(crate) async fn apply_messages<P: Projection>(
             .await
             .map_err(db("counting the events skipped unread"))?;
     }
-    let mut types = Vec::with_capacity(positions.len());
-    let mut ids = Vec::with_capacity(positions.len());
-    let mut sequences = Vec::with_capacity(positions.len());
-    for (stream, sequence) in &positions {
-        types.push(stream.0.as_str());
-        ids.push(stream.1.as_str());
-        sequences.push(*sequence);
+    if careful {
+        // Refusals found one at a time leave their streams short of the
+        // positions claimed: those are saved again.
+        let (mut types, mut ids, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
+        for (stream, claimed) in &claimed {
+            let now = positions
+                .get(stream)
+                .copied()
+                .or_else(|| last_sequence.get(*stream).copied())
+                .unwrap_or(0);
+            if now != *claimed {
+                types.push(stream.0.as_str());
+                ids.push(stream.1.as_str());
+                sequences.push(now);
+            }
+        }
+        if !types.is_empty() {
+            sqlx::query(SAVE_POSITIONS)
+                .bind(name)
+                .bind(&first.topic)
+                .bind(first.partition)
+                .bind(new_next)
+                .bind(&types)
+                .bind(&ids)
+                .bind(&sequences)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("saving stream positions and the checkpoint"))?;
+        }
     }
-    sqlx::query(SAVE_POSITIONS)
-        .bind(name)
-        .bind(&first.topic)
-        .bind(first.partition)
-        .bind(new_next)
-        .bind(&types)
-        .bind(&ids)
-        .bind(&sequences)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("saving stream positions and the checkpoint"))?;
 
     // Dead letters go to their topic after this commits, from
     // tidings_parked (see `dead_letters`): no lock here waits on the broker.
     tx.commit().await.map_err(db("committing a batch"))?;
     outcome.next_offset = Some(new_next);
     Ok(outcome)
+}
+
+/// Runs [`CLAIM`]: new streams created at their planned positions (0 when
+/// nothing of theirs applies), existing streams moved, the checkpoint
+/// advanced.
+async fn claim(
+    tx: &mut PgConnection,
+    name: &str,
+    first: &Message,
+    new_next: i64,
+    new_streams: &[Stream],
+    last_sequence: &HashMap<Stream, i64>,
+    planned: &HashMap<&Stream, i64>,
+) -> Result<(), Failure> {
+    let db = |what: &str| Error::db(format!("projection {name}: {what}"));
+    let (mut new_types, mut new_ids, mut new_sequences) = (Vec::new(), Vec::new(), Vec::new());
+    for stream in new_streams {
+        new_types.push(stream.0.as_str());
+        new_ids.push(stream.1.as_str());
+        new_sequences.push(planned.get(stream).copied().unwrap_or(0));
+    }
+    let mut moved: Vec<(&Stream, i64)> = planned
+        .iter()
+        .filter(|(stream, sequence)| last_sequence.get(**stream).is_some_and(|s| s != *sequence))
+        .map(|(stream, sequence)| (*stream, *sequence))
+        .collect();
+    moved.sort();
+    let types: Vec<&str> = moved.iter().map(|(s, _)| s.0.as_str()).collect();
+    let ids: Vec<&str> = moved.iter().map(|(s, _)| s.1.as_str()).collect();
+    let sequences: Vec<i64> = moved.iter().map(|(_, q)| *q).collect();
+    let created: i64 = sqlx::query_scalar(CLAIM)
+        .bind(name)
+        .bind(&first.topic)
+        .bind(first.partition)
+        .bind(new_next)
+        .bind(&new_types)
+        .bind(&new_ids)
+        .bind(&new_sequences)
+        .bind(&types)
+        .bind(&ids)
+        .bind(&sequences)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("saving stream positions and the checkpoint"))?;
+    if created != new_types.len() as i64 {
+        return Err(Failure::Transient(format!(
+            "projection {name}: {} of the batch's new streams were created meanwhile by another transaction; the batch is planned again",
+            new_types.len() as i64 - created
+        )));
+    }
+    Ok(())
 }
 
 /// Careful mode: each event to apply as a batch of one in a savepoint; a
