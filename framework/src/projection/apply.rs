@@ -89,7 +89,8 @@ impl From<Error> for Failure {
 /// Each stream row is reached through its key
 /// (a lateral scan per key), so a generic plan cached while the table was
 /// small cannot become a hash join over every stream of the projection;
-/// streams are locked in key order (the caller sorts them).
+/// streams are locked in key order (the caller sorts them). Streams are
+/// looked up among the parked only when the projection has parked events.
 const BEGIN_BATCH: &str = "WITH a AS ( \
     SELECT pg_advisory_xact_lock_shared(hashtextextended('tidings.projection.' || $1, 0))), \
     g AS ( \
@@ -110,8 +111,9 @@ const BEGIN_BATCH: &str = "WITH a AS ( \
     locked AS ( \
     SELECT w.t, w.i, w.n, s.last_sequence FROM wanted w LEFT JOIN LATERAL ( \
     SELECT s.last_sequence FROM tidings_projection_streams s \
-    WHERE s.projection = $1 AND s.aggregate_type = w.t AND s.aggregate_id = w.i FOR UPDATE) s ON true) \
-    SELECT c.next_offset, s.t, s.i, s.last_sequence, coalesce(( \
+    WHERE s.projection = $1 AND s.aggregate_type = w.t AND s.aggregate_id = w.i FOR UPDATE) s ON true), \
+    any_parked AS (SELECT EXISTS (SELECT 1 FROM tidings_parked p WHERE p.projection = $1) AS yes) \
+    SELECT c.next_offset, s.t, s.i, s.last_sequence, (SELECT yes FROM any_parked) AND coalesce(( \
     SELECT true FROM tidings_parked p WHERE p.projection = $1 \
     AND p.aggregate_type = s.t AND p.aggregate_id = s.i LIMIT 1), false) \
     FROM c LEFT JOIN locked s ON true ORDER BY s.n";
