@@ -79,12 +79,7 @@ impl Projection for GaugeView {
         batch: &Batch<'_, GaugeEvent>,
     ) -> Result<(), BatchError> {
         if crate::pipeline::one_at_a_time() {
-            for (index, envelope) in batch.events().iter().enumerate() {
-                self.apply(conn, envelope)
-                    .await
-                    .map_err(|e| BatchError::at(index, e))?;
-            }
-            return Ok(());
+            return tidings::projection::apply_each(self, conn, batch).await;
         }
         upsert_folded(conn, batch).await
     }

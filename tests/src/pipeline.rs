@@ -121,12 +121,7 @@ impl Projection for CounterView {
         batch: &Batch<'_, CounterEvent>,
     ) -> Result<(), BatchError> {
         if one_at_a_time() {
-            for (index, envelope) in batch.events().iter().enumerate() {
-                self.apply(conn, envelope)
-                    .await
-                    .map_err(|e| BatchError::at(index, e))?;
-            }
-            return Ok(());
+            return tidings::projection::apply_each(self, conn, batch).await;
         }
         // Folded per counter: the sum, the count, the first and last
         // sequences and the breaks in order within the batch.

@@ -216,12 +216,7 @@ pub trait Projection: Send + Sync + 'static {
         conn: &mut PgConnection,
         batch: &Batch<'_, Self::Event>,
     ) -> Result<(), BatchError> {
-        for (index, envelope) in batch.events().iter().enumerate() {
-            self.apply(conn, envelope)
-                .await
-                .map_err(|error| BatchError::at(index, error))?;
-        }
-        Ok(())
+        apply_each(self, conn, batch).await
     }
 
     /// Empties the read model, for a replay. Runs in the replay's transaction.
@@ -235,6 +230,23 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+/// Applies a batch one event at a time with [`Projection::apply`]: what
+/// the default [`Projection::apply_batch`] does, for an override that
+/// falls back to it.
+pub async fn apply_each<P: Projection + ?Sized>(
+    projection: &P,
+    conn: &mut PgConnection,
+    batch: &Batch<'_, P::Event>,
+) -> Result<(), BatchError> {
+    for (index, envelope) in batch.events().iter().enumerate() {
+        projection
+            .apply(conn, envelope)
+            .await
+            .map_err(|error| BatchError::at(index, error))?;
+    }
+    Ok(())
 }
 
 /// Checks a projection name: it becomes part of group ids and topic names.
