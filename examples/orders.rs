@@ -9,7 +9,6 @@
 //! its event schemas, and issuing commands.
 
 use clap::{Parser, Subcommand};
-use tidings::Event as _;
 use tidings::cli::{
     Command, GlobalArgs, ProjectionCommand, SchemaCommand, exit_code, init_logging,
 };
@@ -63,7 +62,7 @@ enum Cmd {
 async fn run(cli: Cli) -> tidings::Result<()> {
     match cli.command {
         Cmd::Tidings(command) => command.run(&cli.global).await,
-        Cmd::Schema(command) => command.run(&tidings_examples::orders::OrderEvent::schemas()),
+        Cmd::Schema(command) => command.run(&tidings_examples::catalog()),
         Cmd::Summary(command) => {
             let summary = OrderSummary::default();
             let pool = cli.global.pool().await?;

@@ -2,7 +2,8 @@
 # Development services for tidings: PostgreSQL and a real Kafka-protocol broker
 # on loopback. Every command is idempotent.
 #
-#   scripts/dev.sh up          start PostgreSQL (if down) and the broker (installing it once)
+#   scripts/dev.sh up          start PostgreSQL (if down) and the broker (installing it
+#                              once), and install the AsyncAPI parser the tests use
 #   scripts/dev.sh down        stop the broker this script started (by pid)
 #   scripts/dev.sh status      say what runs where
 #   scripts/dev.sh env         print the environment the tests and examples use
@@ -129,9 +130,24 @@ broker_down() {
     rm -f "$BROKER_PID"
 }
 
+# The AsyncAPI project's parser, which the tests validate documents with:
+# installed from the npm registry at the version package-lock.json pins.
+asyncapi_up() {
+    local dir="$ROOT/scripts/asyncapi"
+    if ! command -v npm >/dev/null; then
+        say "asyncapi parser: npm not found (install Node.js and npm)"; return 1
+    fi
+    if [ -d "$dir/node_modules/@asyncapi/parser" ] \
+        && [ "$dir/node_modules/.package-lock.json" -nt "$dir/package-lock.json" ]; then
+        return 0
+    fi
+    say "asyncapi parser: npm ci in scripts/asyncapi"
+    (cd "$dir" && npm ci --no-fund --no-audit --loglevel=error >/dev/null)
+}
+
 cmd="${1:-up}"
 case "$cmd" in
-    up) pg_up; broker_up ;;
+    up) pg_up; broker_up; asyncapi_up ;;
     down) broker_down ;;
     status)
         port_open "$PG_PORT" && say "postgres: up on 127.0.0.1:$PG_PORT" || say "postgres: down"
@@ -143,7 +159,7 @@ case "$cmd" in
         echo "export TIDINGS_NISSHI=$NISSHI"
         ;;
     test)
-        pg_up; broker_up
+        pg_up; broker_up; asyncapi_up
         cd "$ROOT"
         export TIDINGS_NISSHI="$NISSHI"
         cargo test --workspace --locked "${@:2}"
@@ -170,5 +186,5 @@ case "$cmd" in
         cd "$ROOT"
         cargo run --locked -p tidings-examples --example quickstart -- "${@:2}"
         ;;
-    *) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 2 ;;
+    *) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 2 ;;
 esac

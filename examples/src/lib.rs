@@ -12,3 +12,11 @@ pub mod demo;
 pub mod orders;
 pub mod reports;
 pub mod summary;
+
+/// The events these examples publish, with their topics: what the schema
+/// lock checks and the AsyncAPI document describes.
+pub fn catalog() -> tidings::schema::Catalog {
+    tidings::schema::Catalog::new()
+        .with_aggregate::<orders::Order>()
+        .with_aggregate::<auctions::Auction>()
+}

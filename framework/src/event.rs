@@ -105,6 +105,11 @@ pub trait Event: Sized + Send + Sync + 'static {
     const TOPIC: Option<&'static str>;
     /// Every event type of the enum with its current version, in declaration order.
     const TYPES: &'static [EventType];
+    /// Every (wire name, version) this enum reads: the current versions,
+    /// the older ones its upcasters cover (under the names they had) and
+    /// the retired ones it drops. The schema lock uses it to tell a type
+    /// renamed or removed without an upcaster from one still read.
+    const READS: &'static [EventType] = Self::TYPES;
 
     /// The wire name of this event.
     fn event_type(&self) -> &'static str;

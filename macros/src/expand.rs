@@ -20,6 +20,13 @@ pub(crate) fn expand(input: &Input<'_>) -> TokenStream {
         let version = v.version;
         quote!(::tidings::EventType { name: #name, version: #version })
     });
+    let reads = input.variants.iter().flat_map(|v| {
+        let mut reads = vec![(v.name.clone(), v.version)];
+        reads.extend(v.upcasts.iter().map(|u| (v.name_at(u.from), u.from)));
+        reads
+            .into_iter()
+            .map(|(name, version)| quote!(::tidings::EventType { name: #name, version: #version }))
+    });
     let payload_types = input.variants.iter().map(payload_types);
     let type_arms = input.variants.iter().map(|v| {
         let pat = pattern(v);
@@ -44,6 +51,7 @@ pub(crate) fn expand(input: &Input<'_>) -> TokenStream {
             impl ::tidings::Event for #ident {
                 const TOPIC: ::core::option::Option<&'static str> = #topic;
                 const TYPES: &'static [::tidings::EventType] = &[#(#types),*];
+                const READS: &'static [::tidings::EventType] = &[#(#reads),*];
 
                 fn event_type(&self) -> &'static str {
                     match self { #(#type_arms,)* }

@@ -128,37 +128,88 @@ pub enum SchemaCommand {
         #[arg(long, default_value = "schemas")]
         dir: std::path::PathBuf,
     },
-    /// Compare the schemas with the committed lock file; exit 1 naming each
-    /// event whose shape changed without a version bump (`TIDINGS_BLESS=1` rewrites the lock).
+    /// Compare the schemas with the committed lock file: print each change
+    /// as compatible or breaking, and exit 1 on a breaking change without a
+    /// version bump, saying what to do (`TIDINGS_BLESS=1` rewrites the lock).
     Check {
         /// The lock file.
         #[arg(long, default_value = "events.lock")]
         lock: std::path::PathBuf,
     },
+    /// Write an AsyncAPI 3.0 document of the topics, their messages and
+    /// payload schemas.
+    Asyncapi {
+        /// Where to write it (`-` for standard output).
+        #[arg(long, default_value = "-")]
+        out: std::path::PathBuf,
+        /// The service's name (default: this program's name).
+        #[arg(long)]
+        title: Option<String>,
+        /// The service's version.
+        #[arg(long, default_value = "1.0.0")]
+        service_version: String,
+        /// Prepended to every topic, as the relay does.
+        #[arg(long, env = "TIDINGS_TOPIC_PREFIX", default_value = "")]
+        topic_prefix: String,
+    },
 }
 
 impl SchemaCommand {
-    /// Runs the command over `schemas` (e.g. `OrderEvent::schemas()`, several enums chained).
-    pub fn run(self, schemas: &[crate::EventSchema]) -> Result<()> {
+    /// Runs the command over `catalog` (e.g. `Catalog::of::<OrderEvent>()`,
+    /// with more enums added).
+    pub fn run(self, catalog: &crate::schema::Catalog) -> Result<()> {
         match self {
             SchemaCommand::Export { dir } => {
-                let written = crate::schema::export_schemas(schemas, &dir).map_err(|e| {
-                    Error::Config(format!("exporting schemas to {}: {e}", dir.display()))
-                })?;
+                let written =
+                    crate::schema::export_schemas(&catalog.schemas(), &dir).map_err(|e| {
+                        Error::Config(format!("exporting schemas to {}: {e}", dir.display()))
+                    })?;
                 for path in written {
                     println!("{}", path.display());
                 }
                 Ok(())
             }
-            SchemaCommand::Check { lock } => match crate::schema::check_lock(schemas, &lock) {
-                Ok(()) => {
-                    println!("{} schemas match {}", schemas.len(), lock.display());
+            SchemaCommand::Check { lock } => match catalog.check_lock(&lock) {
+                Ok(report) => {
+                    println!("{report}");
                     Ok(())
                 }
                 Err(mismatch) => Err(Error::SchemaMismatch(mismatch.to_string())),
             },
+            SchemaCommand::Asyncapi {
+                out,
+                title,
+                service_version,
+                topic_prefix,
+            } => {
+                let title = title.unwrap_or_else(program_name);
+                let mut info = crate::schema::AsyncApiInfo::new(title, service_version);
+                info.topic_prefix = topic_prefix;
+                let document = catalog
+                    .asyncapi(&info)
+                    .map_err(|e| Error::Config(format!("describing the topics: {e}")))?;
+                let mut text = serde_json::to_string_pretty(&document)
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                text.push('\n');
+                if out.as_os_str() == "-" {
+                    print!("{text}");
+                    Ok(())
+                } else {
+                    std::fs::write(&out, text)
+                        .map_err(|e| Error::Config(format!("writing {}: {e}", out.display())))
+                }
+            }
         }
     }
+}
+
+/// This program's file name, without extension.
+fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "tidings".into())
 }
 
 /// Commands that need the user's projection code: offer them from your own
