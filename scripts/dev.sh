@@ -168,7 +168,8 @@ case "$cmd" in
             # event at a time instead of set-based batches: both paths.
             say "the read side again, one event at a time (TIDINGS_TEST_APPLY=each)"
             TIDINGS_TEST_APPLY=each cargo test --locked -p tidings-tests \
-                --test projection --test projection_faults --test dead_letters --test batched_apply
+                --test projection --test projection_faults --test dead_letters --test batched_apply \
+                --test evolution
         fi
         ;;
     quickstart)

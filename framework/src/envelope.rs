@@ -23,7 +23,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::event::{DecodeError, Event};
+use crate::event::{DecodeError, Event, Reading};
 
 /// Header carrying the event's wire name.
 pub const HEADER_EVENT_TYPE: &str = "event_type";
@@ -150,22 +150,63 @@ impl RawEnvelope {
     }
 
     /// Decodes the payload into `E`, running upcasters. The returned
-    /// envelope carries the *current* type name and version.
+    /// envelope carries the *current* type name and version. A retired or
+    /// split event is an error here: [`RawEnvelope::read`] reads those.
     pub fn decode<E: Event>(self) -> Result<Envelope<E>, DecodeError> {
-        let event = E::decode(&self.event_type, self.event_version, self.payload)?;
-        Ok(Envelope {
-            event_type: event.event_type().to_owned(),
-            event_version: event.event_version(),
-            event_id: self.event_id,
-            timestamp: self.timestamp,
-            aggregate_type: self.aggregate_type,
-            aggregate_id: self.aggregate_id,
-            sequence: self.sequence,
-            correlation_id: self.correlation_id,
-            causation_id: self.causation_id,
-            metadata: self.metadata,
-            payload: event,
-        })
+        let (origin, payload) = self.take_payload();
+        let event = E::decode(&origin.event_type, origin.event_version, payload)?;
+        Ok(origin.wrap(event))
+    }
+
+    /// Reads the payload as the events it stands for today ([`Event::read`]):
+    /// one envelope, a split's several (each keeping this envelope's id,
+    /// sequence, timestamp and context, with its own current type and
+    /// version), or none for a retired type.
+    pub fn read<E: Event>(self) -> Result<Reading<Envelope<E>>, DecodeError> {
+        let (origin, payload) = self.take_payload();
+        Ok(
+            match E::read(&origin.event_type, origin.event_version, payload)? {
+                Reading::One(event) => Reading::One(origin.wrap(event)),
+                Reading::Split(events) => Reading::Split(
+                    events
+                        .into_iter()
+                        .map(|event| origin.clone().wrap(event))
+                        .collect(),
+                ),
+                Reading::Retired => Reading::Retired,
+            },
+        )
+    }
+
+    /// The envelope without its payload, and the payload.
+    fn take_payload(self) -> (Envelope<()>, serde_json::Value) {
+        let Envelope {
+            event_type,
+            event_version,
+            event_id,
+            timestamp,
+            aggregate_type,
+            aggregate_id,
+            sequence,
+            correlation_id,
+            causation_id,
+            metadata,
+            payload,
+        } = self;
+        let origin = Envelope {
+            event_type,
+            event_version,
+            event_id,
+            timestamp,
+            aggregate_type,
+            aggregate_id,
+            sequence,
+            correlation_id,
+            causation_id,
+            metadata,
+            payload: (),
+        };
+        (origin, payload)
     }
 
     /// Wraps and encodes a new event: a fresh UUID v7, the current time,
@@ -200,6 +241,25 @@ impl RawEnvelope {
             (HEADER_EVENT_ID, self.event_id.to_string()),
             (HEADER_AGGREGATE_TYPE, self.aggregate_type.clone()),
         ]
+    }
+}
+
+impl Envelope<()> {
+    /// This envelope around `event`, with the event's current type and version.
+    fn wrap<E: Event>(self, event: E) -> Envelope<E> {
+        Envelope {
+            event_type: event.event_type().to_owned(),
+            event_version: event.event_version(),
+            event_id: self.event_id,
+            timestamp: self.timestamp,
+            aggregate_type: self.aggregate_type,
+            aggregate_id: self.aggregate_id,
+            sequence: self.sequence,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            metadata: self.metadata,
+            payload: event,
+        }
     }
 }
 

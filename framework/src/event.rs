@@ -95,6 +95,13 @@ pub struct EventType {
 /// | variant | `upcast(from = 1, json = path)` | `fn(serde_json::Value) -> Result<Value, UpcastError>` from version 1 to 2 |
 /// | variant | `upcast(from = 2, typed = Type)` | deserialize version 2 as `Type`, then `Into` the next step's type, or `Into<Self>` on the last step |
 /// | upcast | `name = "OrderPlaced"` | the wire name the event had at that version (renames; one event type turned into another) |
+/// | enum | `retired(name = "GiftWrapped", version = 2)` | versions 1 to 2 of a type no variant reads any more: dropped on read (`version` defaults to 1) |
+/// | enum | `split(name = "CheckedOut", version = 1, json = path)` | `fn(serde_json::Value) -> Result<Vec<Self>, UpcastError>`: one stored event read as several |
+/// | enum | `split(name = "CheckedOut", version = 1, typed = Type)` | deserialize it as `Type`, then `Into<Vec<Self>>` |
+///
+/// Retired and split (type, version)s are checked like the variants': no
+/// two readers of one (type, version), no retiring what a variant reads.
+/// [`Event::read`] and [`Reading`] say what readers see.
 ///
 /// Variants may be struct variants (the payload is a JSON object of the
 /// fields; their `#[serde]` and `#[schemars]` attributes apply, and field
@@ -127,6 +134,59 @@ pub trait Event: Sized + Send + Sync + 'static {
     /// The JSON Schema of every event type at its current version, and of
     /// every older version that has a typed upcaster.
     fn schemas() -> Vec<EventSchema>;
+
+    /// Reads a payload stored or sent as `event_type` at `event_version` as
+    /// the events it stands for today: one event, several (a split: one old
+    /// event upcast into several new ones) or none (a retired type). This is
+    /// what the store and the projections call; [`Event::decode`] reads
+    /// only what is one event.
+    fn read(
+        event_type: &str,
+        event_version: u32,
+        payload: serde_json::Value,
+    ) -> Result<Reading<Self>, DecodeError> {
+        Self::decode(event_type, event_version, payload).map(Reading::One)
+    }
+}
+
+/// What one stored or published event reads as today (see [`Event::read`]).
+///
+/// Readers see the events in order, where the stored one was: an aggregate
+/// applies each of a split's events in turn (and none of a retired one), and
+/// its version still counts stored events, so the next append follows the
+/// stored sequence. A projection applies a split's events in order in one
+/// transaction, each in an envelope that keeps the stored event's id,
+/// sequence, timestamp and context; a retired event is skipped unread (its
+/// stream's position moves past it, counted as retired in the status).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reading<E> {
+    /// One event: the usual case.
+    One(E),
+    /// Several events, in order (possibly none).
+    Split(Vec<E>),
+    /// A retired type: dropped on read.
+    Retired,
+}
+
+impl<E> Reading<E> {
+    /// The events, in order.
+    pub fn into_vec(self) -> Vec<E> {
+        self.into_iter().collect()
+    }
+}
+
+impl<E> IntoIterator for Reading<E> {
+    type Item = E;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<E>, std::vec::IntoIter<E>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        let (one, many) = match self {
+            Reading::One(event) => (Some(event), Vec::new()),
+            Reading::Split(events) => (None, events),
+            Reading::Retired => (None, Vec::new()),
+        };
+        one.into_iter().chain(many)
+    }
 }
 
 /// An upcaster refused a payload.
@@ -193,6 +253,26 @@ pub enum DecodeError {
         version: u32,
         /// What serde said.
         source: serde_json::Error,
+    },
+    /// The type is retired at this version: [`Event::read`] drops it.
+    #[error(
+        "`{event_type}` version {version} is retired (dropped on read): read it with `Event::read`"
+    )]
+    Retired {
+        /// The wire name.
+        event_type: String,
+        /// The version received.
+        version: u32,
+    },
+    /// This (type, version) reads as several events: [`Event::read`] returns them.
+    #[error("`{event_type}` version {version} reads as {count} events: read it with `Event::read`")]
+    Split {
+        /// The wire name.
+        event_type: String,
+        /// The version received.
+        version: u32,
+        /// How many events it reads as.
+        count: usize,
     },
     /// An upcaster refused the payload.
     #[error("`{event_type}` version {version}: upcaster failed: {source}")]
@@ -275,6 +355,29 @@ pub fn guarded<T>(
             version,
             source: UpcastError::new(format!("the upcaster panicked: {}", panic_text(&*panic))),
         })
+    })
+}
+
+/// Runs one JSON splitter (a retired event read as several), naming the
+/// type and version on failure.
+#[doc(hidden)]
+pub fn split<E>(
+    event_type: &str,
+    version: u32,
+    splitter: fn(serde_json::Value) -> Result<Vec<E>, UpcastError>,
+    payload: serde_json::Value,
+) -> Result<Vec<E>, DecodeError> {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || splitter(payload)))
+        .unwrap_or_else(|panic| {
+            Err(UpcastError::new(format!(
+                "the splitter panicked: {}",
+                panic_text(&*panic)
+            )))
+        });
+    outcome.map_err(|source| DecodeError::Upcast {
+        event_type: event_type.to_owned(),
+        version,
+        source,
     })
 }
 

@@ -69,7 +69,7 @@ pub use envelope::{
     HEADER_EVENT_VERSION, RawEnvelope, now_micros,
 };
 pub use error::{Error, Result};
-pub use event::{DecodeError, Event, EventType, UpcastError};
+pub use event::{DecodeError, Event, EventType, Reading, UpcastError};
 pub use names::validate_topic_name;
 pub use schema::EventSchema;
 /// Derives [`Event`] for an enum; see the trait for the attributes.
@@ -89,7 +89,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// not depend on serde, serde_json or schemars themselves. Not public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::event::{from_payload, guarded, unknown, upcast};
+    pub use crate::event::{from_payload, guarded, split, unknown, upcast};
     pub use schemars;
     pub use serde;
     pub use serde_json;

@@ -343,3 +343,132 @@ fn schemas_cover_current_and_typed_old_versions_and_export() {
     assert!(dir.join("OrderCreated.v2.json").exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+mod retired_and_split {
+    use serde_json::Value;
+    use tidings::UpcastError;
+
+    /// `Checked` v1 carried an order and its payment; read as both today.
+    #[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+    pub(crate) struct CheckedV1 {
+        pub(crate) total: i64,
+        pub(crate) by: String,
+    }
+
+    impl From<CheckedV1> for Vec<ShopEvent> {
+        fn from(v1: CheckedV1) -> Self {
+            vec![
+                ShopEvent::Placed { total: v1.total },
+                ShopEvent::Paid { by: v1.by },
+            ]
+        }
+    }
+
+    /// `Bundled` v1 held several items, read as one `Added` each.
+    pub(crate) fn bundled(payload: Value) -> Result<Vec<ShopEvent>, UpcastError> {
+        let items = payload["skus"]
+            .as_array()
+            .ok_or_else(|| UpcastError::missing_field("skus"))?;
+        Ok(items
+            .iter()
+            .filter_map(|s| s.as_str())
+            .map(|sku| ShopEvent::Added { sku: sku.into() })
+            .collect())
+    }
+
+    #[derive(Debug, Clone, PartialEq, tidings::Event)]
+    #[event(
+        topic = "shop",
+        retired(name = "Wrapped", version = 2),
+        split(name = "Checked", version = 1, typed = CheckedV1),
+        split(name = "Bundled", version = 1, json = bundled)
+    )]
+    pub(crate) enum ShopEvent {
+        Added { sku: String },
+        Placed { total: i64 },
+        Paid { by: String },
+    }
+}
+
+#[test]
+fn retired_types_read_as_nothing_and_split_ones_as_their_parts_in_order() {
+    use retired_and_split::ShopEvent;
+    use tidings::Reading;
+
+    for version in [1, 2] {
+        assert_eq!(
+            ShopEvent::read("Wrapped", version, json!({"note": "x"})).unwrap(),
+            Reading::Retired
+        );
+    }
+    assert!(matches!(
+        ShopEvent::read("Wrapped", 3, json!({})),
+        Err(DecodeError::UnknownType { .. })
+    ));
+    assert_eq!(
+        ShopEvent::read("Checked", 1, json!({"total": 5, "by": "card"}))
+            .unwrap()
+            .into_vec(),
+        vec![
+            ShopEvent::Placed { total: 5 },
+            ShopEvent::Paid { by: "card".into() }
+        ]
+    );
+    assert_eq!(
+        ShopEvent::read("Bundled", 1, json!({"skus": ["a", "b", "c"]}))
+            .unwrap()
+            .into_vec()
+            .len(),
+        3
+    );
+    assert_eq!(
+        ShopEvent::read("Added", 1, json!({"sku": "a"})).unwrap(),
+        Reading::One(ShopEvent::Added { sku: "a".into() })
+    );
+
+    // `decode` reads only what is one event, and says why not.
+    let retired = ShopEvent::decode("Wrapped", 1, json!({})).unwrap_err();
+    assert!(
+        matches!(retired, DecodeError::Retired { version: 1, .. }),
+        "{retired}"
+    );
+    let split = ShopEvent::decode("Checked", 1, json!({"total": 5, "by": "card"})).unwrap_err();
+    assert!(
+        matches!(split, DecodeError::Split { count: 2, .. }),
+        "{split}"
+    );
+    assert_eq!(
+        ShopEvent::decode("Bundled", 1, json!({"skus": ["a"]})).unwrap(),
+        ShopEvent::Added { sku: "a".into() }
+    );
+    let refused = ShopEvent::read("Bundled", 1, json!({})).unwrap_err();
+    assert!(
+        refused.to_string().contains("`Bundled` version 1") && refused.to_string().contains("skus"),
+        "{refused}"
+    );
+
+    // What the schema lock and the catalog see: every (name, version) read,
+    // and a schema for the typed split.
+    let mut reads: Vec<(&str, u32)> = ShopEvent::READS
+        .iter()
+        .map(|t| (t.name, t.version))
+        .collect();
+    reads.sort_unstable();
+    assert_eq!(
+        reads,
+        [
+            ("Added", 1),
+            ("Bundled", 1),
+            ("Checked", 1),
+            ("Paid", 1),
+            ("Placed", 1),
+            ("Wrapped", 1),
+            ("Wrapped", 2)
+        ]
+    );
+    assert!(
+        ShopEvent::schemas()
+            .iter()
+            .any(|s| s.event_type == "Checked" && s.version == 1)
+    );
+}

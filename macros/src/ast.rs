@@ -11,6 +11,10 @@ pub(crate) struct Input<'a> {
     pub(crate) ident: &'a Ident,
     pub(crate) topic: Option<String>,
     pub(crate) variants: Vec<Variant<'a>>,
+    /// Types no variant reads any more, dropped on read.
+    pub(crate) retired: Vec<attr::Retired>,
+    /// Stored (type, version)s read as several events.
+    pub(crate) splits: Vec<attr::Split>,
 }
 
 /// The shape of a variant's payload.
@@ -92,6 +96,8 @@ impl<'a> Input<'a> {
             ident: &input.ident,
             topic: attrs.topic.map(|t| t.value()),
             variants,
+            retired: attrs.retired,
+            splits: attrs.splits,
         })
     }
 }

@@ -4,10 +4,29 @@ use proc_macro2::Span;
 use syn::spanned::Spanned;
 use syn::{Attribute, Error, LitInt, LitStr, Path, Result, Type};
 
-/// `#[event(topic = "...")]` on the enum.
+/// `#[event(topic = "...", retired(...), split(...))]` on the enum.
 #[derive(Default)]
 pub(crate) struct EnumAttrs {
     pub(crate) topic: Option<LitStr>,
+    pub(crate) retired: Vec<Retired>,
+    pub(crate) splits: Vec<Split>,
+}
+
+/// `retired(name = "...", version = N)`: versions 1 to N of a type no
+/// variant reads any more, dropped on read.
+pub(crate) struct Retired {
+    pub(crate) name: LitStr,
+    pub(crate) version: u32,
+    pub(crate) span: Span,
+}
+
+/// `split(name = "...", version = N, json = path | typed = Type)`: one
+/// stored (type, version) read as several events of the enum.
+pub(crate) struct Split {
+    pub(crate) name: LitStr,
+    pub(crate) version: u32,
+    pub(crate) kind: UpcastKind,
+    pub(crate) span: Span,
 }
 
 /// `#[event(name = "...", version = N, upcast(...)...)]` on a variant.
@@ -67,8 +86,56 @@ pub(crate) fn enum_attrs(attrs: &[Attribute]) -> Result<EnumAttrs> {
             if meta.path.is_ident("topic") {
                 let lit: LitStr = meta.value()?.parse()?;
                 set_once(&mut out.topic, lit, meta.path.span(), "topic")
+            } else if meta.path.is_ident("retired") || meta.path.is_ident("split") {
+                let retiring = meta.path.is_ident("retired");
+                let what = if retiring { "retired" } else { "split" };
+                let span = meta.path.span();
+                let (mut name, mut version, mut kind) = (None, None, None);
+                meta.parse_nested_meta(|inner| {
+                    if inner.path.is_ident("name") {
+                        let lit: LitStr = inner.value()?.parse()?;
+                        set_once(&mut name, lit, inner.path.span(), "name")
+                    } else if inner.path.is_ident("version") {
+                        let lit: LitInt = inner.value()?.parse()?;
+                        let v = version_lit(&lit, &format!("{what} version"))?;
+                        set_once(&mut version, v, inner.path.span(), "version")
+                    } else if !retiring && inner.path.is_ident("json") {
+                        let path: Path = inner.value()?.parse()?;
+                        set_once(&mut kind, UpcastKind::Json(path), inner.path.span(), "json` or `typed")
+                    } else if !retiring && inner.path.is_ident("typed") {
+                        let ty: Type = inner.value()?.parse()?;
+                        set_once(&mut kind, UpcastKind::Typed(ty), inner.path.span(), "json` or `typed")
+                    } else if retiring {
+                        Err(inner.error("unknown `retired` key; expected `name = \"...\"` or `version = N`"))
+                    } else {
+                        Err(inner.error(
+                            "unknown `split` key; expected `name = \"...\"`, `version = N`, `json = path` or `typed = Type`",
+                        ))
+                    }
+                })?;
+                let Some(name) = name else {
+                    return Err(Error::new(span, format!("{what}(...) needs `name = \"...\"`: the event type's wire name")));
+                };
+                if name.value().is_empty() {
+                    return Err(Error::new(name.span(), "an event name cannot be empty"));
+                }
+                let version = version.map_or(1, |(v, _)| v);
+                if retiring {
+                    out.retired.push(Retired { name, version, span });
+                    return Ok(());
+                }
+                let Some(kind) = kind else {
+                    return Err(Error::new(
+                        span,
+                        "split needs `json = path` (a fn from the JSON payload to `Vec<Self>`) or `typed = Type` (the old payload type, `Into<Vec<Self>>`)",
+                    ));
+                };
+                out.splits.push(Split { name, version, kind, span });
+                Ok(())
             } else {
-                Err(meta.error("unknown enum attribute; expected `#[event(topic = \"...\")]`"))
+                Err(meta.error(
+                    "unknown enum attribute; expected `topic = \"...\"`, `retired(...)` or `split(...)`",
+                ))
             }
         })?;
     }

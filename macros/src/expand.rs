@@ -27,6 +27,75 @@ pub(crate) fn expand(input: &Input<'_>) -> TokenStream {
             .into_iter()
             .map(|(name, version)| quote!(::tidings::EventType { name: #name, version: #version }))
     });
+    let retired_reads = input.retired.iter().flat_map(|r| {
+        let name = r.name.value();
+        (1..=r.version)
+            .map(move |version| quote!(::tidings::EventType { name: #name, version: #version }))
+    });
+    let split_reads = input.splits.iter().map(|s| {
+        let name = s.name.value();
+        let version = s.version;
+        quote!(::tidings::EventType { name: #name, version: #version })
+    });
+    let reads = reads.chain(retired_reads).chain(split_reads);
+    let read_arms = input
+        .retired
+        .iter()
+        .map(|r| {
+            let name = r.name.value();
+            let last = r.version;
+            quote! {
+                (#name, 1..=#last) => ::core::result::Result::Ok(::tidings::Reading::Retired),
+            }
+        })
+        .chain(input.splits.iter().map(|split| {
+            let name = split.name.value();
+            let version = split.version;
+            let body = split_body(split);
+            quote! {
+                (#name, #version) => #body.map(::tidings::Reading::Split),
+            }
+        }));
+    let decode_refusals = input
+        .retired
+        .iter()
+        .map(|r| {
+            let name = r.name.value();
+            let last = r.version;
+            quote! {
+                (#name, 1..=#last) => ::core::result::Result::Err(::tidings::DecodeError::Retired {
+                    event_type: #name.to_owned(),
+                    version: event_version,
+                }),
+            }
+        })
+        .chain(input.splits.iter().map(|split| {
+            let name = split.name.value();
+            let version = split.version;
+            let body = split_body(split);
+            quote! {
+                (#name, #version) => {
+                    let mut events = #body?;
+                    if events.len() == 1 {
+                        ::core::result::Result::Ok(events.remove(0))
+                    } else {
+                        ::core::result::Result::Err(::tidings::DecodeError::Split {
+                            event_type: #name.to_owned(),
+                            version: #version,
+                            count: events.len(),
+                        })
+                    }
+                }
+            }
+        }));
+    let split_schemas = input.splits.iter().filter_map(|split| {
+        let UpcastKind::Typed(ty) = &split.kind else {
+            return None;
+        };
+        let name = split.name.value();
+        let version = split.version;
+        Some(quote!(::tidings::__private::schema::<#ty>(#name, #version)))
+    });
     let payload_types = input.variants.iter().map(payload_types);
     let type_arms = input.variants.iter().map(|v| {
         let pat = pattern(v);
@@ -40,7 +109,7 @@ pub(crate) fn expand(input: &Input<'_>) -> TokenStream {
     });
     let encode_arms = input.variants.iter().map(encode_arm);
     let decode_arms = input.variants.iter().flat_map(decode_arms);
-    let schemas = input.variants.iter().flat_map(schemas);
+    let schemas = input.variants.iter().flat_map(schemas).chain(split_schemas);
 
     quote! {
         #[allow(non_camel_case_types, non_snake_case, clippy::all)]
@@ -75,9 +144,22 @@ pub(crate) fn expand(input: &Input<'_>) -> TokenStream {
                 ) -> ::core::result::Result<Self, ::tidings::DecodeError> {
                     match (event_type, event_version) {
                         #(#decode_arms)*
+                        #(#decode_refusals)*
                         _ => ::core::result::Result::Err(
                             ::tidings::__private::unknown::<Self>(event_type, event_version),
                         ),
+                    }
+                }
+
+                fn read(
+                    event_type: &str,
+                    event_version: u32,
+                    payload: ::tidings::__private::serde_json::Value,
+                ) -> ::core::result::Result<::tidings::Reading<Self>, ::tidings::DecodeError> {
+                    match (event_type, event_version) {
+                        #(#read_arms)*
+                        _ => <Self as ::tidings::Event>::decode(event_type, event_version, payload)
+                            .map(::tidings::Reading::One),
                     }
                 }
 
@@ -252,4 +334,23 @@ fn schemas(v: &Variant<'_>) -> Vec<TokenStream> {
         }
     }
     out
+}
+
+/// Reading a split (type, version): `Result<Vec<Self>, DecodeError>`.
+fn split_body(split: &crate::attr::Split) -> TokenStream {
+    let name = split.name.value();
+    let version = split.version;
+    let span = split.span;
+    match &split.kind {
+        UpcastKind::Json(path) => quote_spanned! {span=>
+            ::tidings::__private::split::<Self>(#name, #version, #path, payload)
+        },
+        UpcastKind::Typed(ty) => quote_spanned! {span=>
+            ::tidings::__private::guarded(#name, #version, move || {
+                let value: #ty = ::tidings::__private::from_payload(#name, #version, payload)?;
+                let events: ::std::vec::Vec<Self> = ::core::convert::Into::into(value);
+                ::core::result::Result::Ok(events)
+            })
+        },
+    }
 }

@@ -104,6 +104,38 @@ pub(crate) fn validate(input: &Input<'_>) -> Result<()> {
         }
     }
 
+    // A retired or split (type, version) is read by nothing else.
+    for retired in &input.retired {
+        for version in 1..=retired.version {
+            let key = (retired.name.value(), version);
+            if let Some(other) = keys.insert(key.clone(), "retired".into()) {
+                errors.push(Error::new(
+                    retired.span,
+                    format!(
+                        "`{}` version {version} cannot be retired: {}; retire only versions that nothing else reads",
+                        key.0,
+                        reader(&other)
+                    ),
+                ));
+                break;
+            }
+        }
+    }
+    for split in &input.splits {
+        let key = (split.name.value(), split.version);
+        if let Some(other) = keys.insert(key.clone(), "split".into()) {
+            errors.push(Error::new(
+                split.span,
+                format!(
+                    "`{}` version {} cannot be split: {}",
+                    key.0,
+                    key.1,
+                    reader(&other)
+                ),
+            ));
+        }
+    }
+
     let mut errors = errors.into_iter();
     match errors.next() {
         None => Ok(()),
@@ -113,6 +145,15 @@ pub(crate) fn validate(input: &Input<'_>) -> Result<()> {
             }
             Err(first)
         }
+    }
+}
+
+/// Who already reads a (type, version), for an error message.
+fn reader(owner: &str) -> String {
+    match owner {
+        "retired" => "it is already retired".into(),
+        "split" => "it is already split".into(),
+        variant => format!("variant `{variant}` reads it"),
     }
 }
 

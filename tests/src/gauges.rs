@@ -30,9 +30,33 @@ impl From<SetV1> for GaugeEvent {
     }
 }
 
-/// What happens to a gauge: version 2 carries a number.
+/// An event of old producers: two values set at once, read today as two
+/// `Set` events.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct SetTwiceV1 {
+    /// The first value.
+    pub first: i64,
+    /// The value after it.
+    pub second: i64,
+}
+
+impl From<SetTwiceV1> for Vec<GaugeEvent> {
+    fn from(v1: SetTwiceV1) -> Self {
+        vec![
+            GaugeEvent::Set { value: v1.first },
+            GaugeEvent::Set { value: v1.second },
+        ]
+    }
+}
+
+/// What happens to a gauge: version 2 carries a number. `Reset` is
+/// retired (dropped on read); `SetTwice` is read as two `Set` events.
 #[derive(Debug, Clone, PartialEq, Event)]
-#[event(topic = "gauges")]
+#[event(
+    topic = "gauges",
+    retired(name = "Reset", version = 1),
+    split(name = "SetTwice", version = 1, typed = SetTwiceV1)
+)]
 pub enum GaugeEvent {
     /// The gauge's new value.
     #[event(version = 2, upcast(from = 1, typed = SetV1))]

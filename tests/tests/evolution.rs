@@ -1,6 +1,7 @@
 //! Producers and consumers deploy apart: a projection built with the
 //! gauge events up to version 2 keeps running while the producer starts
-//! emitting a new event type and a version 3 of one it knows.
+//! emitting a new event type and a version 3 of one it knows; events its
+//! enum retired or split are read as what they stand for today.
 
 use std::time::Duration;
 
@@ -146,6 +147,61 @@ async fn the_policies_turned_around_dead_letter_the_new_type_and_skip_the_newer_
     assert_eq!(gauge(&db, "g-1").await, Some((5, 1)));
     assert_eq!(parked_of(&db, "g-2").await, 0);
     assert_status(&db, &topic, "Set", 3, "newer version").await;
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_event_is_skipped_and_a_split_one_applies_as_its_parts_in_order() {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
+    let (stop, task) = spawn_runner(runner(&db, &prefix, |c| c));
+    for (id, sequence, event_type, version, payload) in [
+        ("g-1", 1, "Set", 2, json!({"value": 5})),
+        ("g-1", 2, "SetTwice", 1, json!({"first": 6, "second": 8})),
+        ("g-1", 3, "Reset", 1, json!({})),
+        ("g-2", 1, "SetTwice", 1, json!({"first": 1, "second": 2})),
+        ("g-1", 4, "Set", 2, json!({"value": 9})),
+    ] {
+        let value = envelope(id, sequence, event_type, version, payload);
+        produce(&producer, &topic, id, &value).await;
+    }
+
+    // g-1: 5, then 6 and 8 from the split, the reset dropped, then 9: four
+    // events applied; g-2 ends on the split's second value.
+    wait_until(
+        "both gauges past their split and retired events",
+        Duration::from_secs(60),
+        async || gauge(&db, "g-1").await == Some((9, 4)) && gauge(&db, "g-2").await == Some((2, 2)),
+    )
+    .await;
+    assert_eq!(parked_of(&db, "g-1").await + parked_of(&db, "g-2").await, 0);
+    let last: i64 = sqlx::query_scalar(
+        "SELECT last_sequence FROM tidings_projection_streams WHERE projection = $1 AND aggregate_id = 'g-1'",
+    )
+    .bind(GaugeView.name())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(last, 4, "positions count stored events, not the parts read");
+    let status = projection_status(
+        &db.pool,
+        &KafkaConfig::new(brokers()),
+        GaugeView.name(),
+        std::slice::from_ref(&topic),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status.ignored,
+        vec![IgnoredEvents {
+            event_type: "Reset".into(),
+            event_version: 1,
+            reason: "retired".into(),
+            events: 1,
+        }]
+    );
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }

@@ -1267,3 +1267,157 @@ async fn the_cache_holds_no_more_than_its_capacity() {
         "a cache of {capacity} kept {kept} of {aggregates} aggregates"
     );
 }
+
+/// A cart as first written: gift wrapping, and a checkout that recorded
+/// the order and its payment in one event.
+mod cart_before {
+    use serde::{Deserialize, Serialize};
+    use tidings::{Aggregate, Event};
+
+    #[derive(Debug, Clone, PartialEq, Event)]
+    #[event(topic = "carts")]
+    pub(crate) enum CartEvent {
+        ItemAdded { sku: String },
+        GiftWrapped { note: String },
+        CheckedOut { total: i64, paid_by: String },
+    }
+
+    #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    pub(crate) struct Cart;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    pub(crate) struct Never;
+
+    impl Aggregate for Cart {
+        const TYPE: &'static str = "cart";
+        type Event = CartEvent;
+        type Command = CartEvent;
+        type Error = Never;
+        fn handle(&self, command: CartEvent) -> Result<Vec<CartEvent>, Never> {
+            Ok(vec![command])
+        }
+        fn apply(&mut self, _: &CartEvent) {}
+    }
+}
+
+/// The cart today: gift wrapping is retired, and the checkout is two
+/// events, the order placed and the payment taken.
+mod cart_after {
+    use serde::{Deserialize, Serialize};
+    use serde_json::Value;
+    use tidings::{Aggregate, Event, UpcastError};
+
+    fn checked_out_v1(payload: Value) -> Result<Vec<CartEvent>, UpcastError> {
+        let total = payload["total"]
+            .as_i64()
+            .ok_or_else(|| UpcastError::missing_field("total"))?;
+        let by = payload["paid_by"]
+            .as_str()
+            .ok_or_else(|| UpcastError::missing_field("paid_by"))?;
+        Ok(vec![
+            CartEvent::OrderPlaced { total },
+            CartEvent::PaymentTaken { by: by.into() },
+        ])
+    }
+
+    #[derive(Debug, Clone, PartialEq, Event)]
+    #[event(
+        topic = "carts",
+        retired(name = "GiftWrapped", version = 1),
+        split(name = "CheckedOut", version = 1, json = checked_out_v1)
+    )]
+    pub(crate) enum CartEvent {
+        ItemAdded { sku: String },
+        OrderPlaced { total: i64 },
+        PaymentTaken { by: String },
+    }
+
+    /// Every event applied, in order, by type.
+    #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    pub(crate) struct Cart {
+        pub(crate) applied: Vec<String>,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    pub(crate) struct Never;
+
+    impl Aggregate for Cart {
+        const TYPE: &'static str = "cart";
+        type Event = CartEvent;
+        type Command = CartEvent;
+        type Error = Never;
+        fn handle(&self, command: CartEvent) -> Result<Vec<CartEvent>, Never> {
+            Ok(vec![command])
+        }
+        fn apply(&mut self, event: &CartEvent) {
+            self.applied.push(event.event_type().into());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_retired_event_is_dropped_and_a_split_one_applied_as_its_parts_and_the_stream_goes_on() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    use cart_before::CartEvent as Before;
+    for event in [
+        Before::ItemAdded { sku: "A".into() },
+        Before::GiftWrapped { note: "hi".into() },
+        Before::CheckedOut {
+            total: 12,
+            paid_by: "card".into(),
+        },
+    ] {
+        store
+            .execute::<cart_before::Cart>("C-1", event)
+            .await
+            .unwrap();
+    }
+
+    let loaded = store.load::<cart_after::Cart>("C-1").await.unwrap();
+    assert_eq!(
+        loaded.state.applied,
+        ["ItemAdded", "OrderPlaced", "PaymentTaken"],
+        "the gift wrap dropped, the checkout read as its two parts in order"
+    );
+    assert_eq!(loaded.sequence, 3, "the version counts stored events");
+
+    let committed = store
+        .execute::<cart_after::Cart>("C-1", cart_after::CartEvent::ItemAdded { sku: "B".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        committed.sequence, 4,
+        "the next append follows the stored sequence"
+    );
+    assert_eq!(
+        committed.state.applied,
+        ["ItemAdded", "OrderPlaced", "PaymentTaken", "ItemAdded"]
+    );
+    let stream = store.read_stream("cart", "C-1").await.unwrap();
+    let stored: Vec<&str> = stream.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        stored,
+        ["ItemAdded", "GiftWrapped", "CheckedOut", "ItemAdded"],
+        "stored events are never rewritten"
+    );
+
+    // A split that refuses its payload is a decode error naming the event.
+    sqlx::query(
+        "INSERT INTO tidings_events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
+         event_version, recorded_at, payload) VALUES ($1, 'cart', 'C-2', 1, 'CheckedOut', 1, now(), $2)",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(json!({"paid_by": "card"}))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let error = store.load::<cart_after::Cart>("C-2").await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("`CheckedOut` version 1") && text.contains("missing field `total`"),
+        "{text}"
+    );
+}

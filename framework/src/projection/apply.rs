@@ -303,19 +303,18 @@ pub(crate) async fn apply_messages<P: Projection>(
     if careful {
         apply_one_by_one(projection, &mut tx, &mut planned, &span).await?;
     } else {
-        let ready: Vec<usize> = (0..planned.len())
-            .filter(|&i| matches!(planned[i].action, Action::Apply(_)))
-            .collect();
+        // The batch's events, each with the planned message it came from
+        // (a split's events share theirs).
+        let mut ready: Vec<usize> = Vec::new();
+        let mut events = Vec::new();
+        for (i, p) in planned.iter().enumerate() {
+            if let Action::Apply(envelopes) = p.action {
+                ready.extend(std::iter::repeat_n(i, envelopes.len()));
+                events.extend(envelopes);
+            }
+        }
         if !ready.is_empty() {
-            let batch = Batch::new(
-                ready
-                    .iter()
-                    .filter_map(|&i| match planned[i].action {
-                        Action::Apply(envelope) => Some(envelope),
-                        _ => None,
-                    })
-                    .collect(),
-            );
+            let batch = Batch::new(events);
             span.record("events", batch.len());
             for envelope in batch.events() {
                 event_span(name, envelope, &span);
@@ -476,14 +475,15 @@ async fn apply_one_by_one<P: Projection>(
             };
             continue;
         }
-        let Action::Apply(envelope) = p.action else {
+        let Action::Apply(envelopes) = p.action else {
             continue;
         };
-        let event = event_span(name, envelope, span);
+        let event = event_span(name, &envelopes[0], span);
         let mut savepoint = sqlx::Connection::begin(&mut *tx)
             .await
             .map_err(db("creating a savepoint"))?;
-        match call(projection, &mut savepoint, &Batch::one(envelope), event).await {
+        let batch = Batch::new(envelopes.iter().collect());
+        match call(projection, &mut savepoint, &batch, event).await {
             Ok(()) => savepoint
                 .commit()
                 .await

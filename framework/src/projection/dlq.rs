@@ -297,14 +297,22 @@ async fn redrive_one<P: Projection>(
             .ok_or_else(|| "empty message".to_owned())
             .and_then(|v| RawEnvelope::from_slice(v).map_err(|e| e.to_string()))
             .and_then(|raw| {
-                let decoding = std::panic::AssertUnwindSafe(|| raw.decode::<P::Event>());
+                let origin = (
+                    raw.aggregate_type.clone(),
+                    raw.aggregate_id.clone(),
+                    raw.sequence,
+                );
+                let decoding = std::panic::AssertUnwindSafe(|| raw.read::<P::Event>());
                 match std::panic::catch_unwind(decoding) {
-                    Ok(decoded) => decoded.map_err(|e| e.to_string()),
+                    Ok(read) => read
+                        .map(|events| (origin, events.into_vec()))
+                        .map_err(|e| e.to_string()),
                     Err(panic) => Err(format!("decoding panicked: {}", panic_message(&*panic))),
                 }
             });
-        let envelope = match decoded {
-            Ok(envelope) => envelope,
+        // A retired event reads as no envelope: its position is still taken.
+        let ((of_type, of_id, sequence), envelopes) = match decoded {
+            Ok(read) => read,
             Err(reason) => {
                 stopped = Some((id, reason));
                 break;
@@ -312,17 +320,16 @@ async fn redrive_one<P: Projection>(
         };
         // Parked by its key and header (its envelope was unreadable then):
         // an envelope of another stream must not move this one.
-        if envelope.aggregate_type != aggregate_type || envelope.aggregate_id != aggregate_id {
+        if of_type != aggregate_type || of_id != aggregate_id {
             stopped = Some((
                 id,
                 format!(
-                    "the event belongs to {}/{}, not to the stream it is parked in",
-                    envelope.aggregate_type, envelope.aggregate_id
+                    "the event belongs to {of_type}/{of_id}, not to the stream it is parked in"
                 ),
             ));
             break;
         }
-        let sequence = envelope.sequence as i64;
+        let sequence = sequence as i64;
         if sequence <= last {
             report.skipped += 1;
             done.push(id);
@@ -336,15 +343,21 @@ async fn redrive_one<P: Projection>(
             break;
         }
         let mut savepoint = tx.begin().await.map_err(db("creating a savepoint"))?;
-        let applying = std::panic::AssertUnwindSafe(projection.apply(&mut savepoint, &envelope));
-        let applied = futures::FutureExt::catch_unwind(applying)
-            .await
-            .unwrap_or_else(|panic| {
-                Err(ApplyError::permanent(format!(
-                    "applying panicked: {}",
-                    panic_message(&*panic)
-                )))
-            });
+        let mut applied = Ok(());
+        for envelope in &envelopes {
+            let applying = std::panic::AssertUnwindSafe(projection.apply(&mut savepoint, envelope));
+            applied = futures::FutureExt::catch_unwind(applying)
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(ApplyError::permanent(format!(
+                        "applying panicked: {}",
+                        panic_message(&*panic)
+                    )))
+                });
+            if applied.is_err() {
+                break;
+            }
+        }
         match applied {
             Ok(()) => {
                 savepoint

@@ -45,6 +45,8 @@ pub enum NewerVersions {
 pub(crate) const UNKNOWN_TYPE: &str = "unknown type";
 /// See [`UNKNOWN_TYPE`].
 pub(crate) const NEWER_VERSION: &str = "newer version";
+/// See [`UNKNOWN_TYPE`]: a type the projection's enum declares retired.
+pub(crate) const RETIRED: &str = "retired";
 
 /// Events a projection skipped unread, per type, version and reason.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

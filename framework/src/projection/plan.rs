@@ -14,9 +14,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::envelope::{Envelope, HEADER_AGGREGATE_TYPE, RawEnvelope};
-use crate::event::Event;
+use crate::event::{Event, Reading};
 use crate::projection::dead_letters::RawHeaders;
-use crate::projection::evolution::{NEWER_VERSION, UNKNOWN_TYPE};
+use crate::projection::evolution::{NEWER_VERSION, RETIRED, UNKNOWN_TYPE};
 use crate::projection::{NewerVersions, UnknownTypes, panic_message};
 
 /// A message as consumed, owned by the partition's worker.
@@ -62,6 +62,8 @@ pub(super) type Stream = (String, String);
 pub(super) enum Decoded<E> {
     /// An event to apply.
     Event(Envelope<E>),
+    /// A stored event that reads as several (a split), applied together.
+    Split(Vec<Envelope<E>>),
     /// Not read, by policy: its sequence, type, version and why.
     Ignored(i64, String, i32, &'static str),
     /// Why it cannot be applied, and its sequence when the envelope was readable.
@@ -160,9 +162,18 @@ pub(super) fn decode_all<E: Event>(
                     // Deserialize impls): a panic there is this event's
                     // poison, never the partition's end.
                     let (event_type, version) = (raw.event_type.clone(), raw.event_version);
-                    let decoding = std::panic::AssertUnwindSafe(|| raw.decode::<E>());
+                    let decoding = std::panic::AssertUnwindSafe(|| raw.read::<E>());
                     match std::panic::catch_unwind(decoding) {
-                        Ok(Ok(envelope)) => (stream, Decoded::Event(envelope)),
+                        Ok(Ok(Reading::One(envelope))) => (stream, Decoded::Event(envelope)),
+                        Ok(Ok(Reading::Split(envelopes))) if !envelopes.is_empty() => {
+                            (stream, Decoded::Split(envelopes))
+                        }
+                        // Retired, or split into nothing: skipped unread.
+                        Ok(Ok(Reading::Retired | Reading::Split(_))) => {
+                            let ignored =
+                                Decoded::Ignored(at, clean(&event_type), version as i32, RETIRED);
+                            (stream, ignored)
+                        }
                         Ok(Err(e)) if let Some(why) = skipped_unread(&e, unknown_types, newer_versions) => {
                             let ignored =
                                 Decoded::Ignored(at, clean(&event_type), version as i32, why);
@@ -225,8 +236,8 @@ pub(super) enum Action<'m, E> {
         /// Why.
         reason: String,
     },
-    /// Applied.
-    Apply(&'m Envelope<E>),
+    /// Applied: the event, or a split's events, in order.
+    Apply(&'m [Envelope<E>]),
 }
 
 /// One fresh message and what becomes of it.
@@ -263,6 +274,7 @@ pub(super) fn plan<'m, E>(
         .map(|&(message, (stream, item))| {
             let sequence = match item {
                 Decoded::Event(e) => Some(e.sequence as i64),
+                Decoded::Split(parts) => parts.first().map(|e| e.sequence as i64),
                 Decoded::Ignored(sequence, ..) => Some(*sequence),
                 Decoded::Poison(_, sequence) => *sequence,
             };
@@ -298,7 +310,11 @@ pub(super) fn plan<'m, E>(
                     }
                     Decoded::Event(envelope) => {
                         position.insert(stream, envelope.sequence as i64);
-                        Action::Apply(envelope)
+                        Action::Apply(std::slice::from_ref(envelope))
+                    }
+                    Decoded::Split(envelopes) => {
+                        position.insert(stream, sequence.unwrap_or_default());
+                        Action::Apply(envelopes)
                     }
                 }
             };
@@ -333,8 +349,8 @@ pub(super) fn positions<'m, E>(
     let mut ignored = BTreeMap::new();
     for p in planned {
         match &p.action {
-            Action::Apply(envelope) => {
-                positions.insert(p.stream, envelope.sequence as i64);
+            Action::Apply(_) => {
+                positions.insert(p.stream, p.sequence.unwrap_or_default());
             }
             Action::Ignore { sequence, kind } => {
                 positions.insert(p.stream, *sequence);

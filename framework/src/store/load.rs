@@ -157,14 +157,16 @@ pub(crate) async fn catch_up<A: Aggregate>(
     Ok(loaded)
 }
 
-/// Applies stored envelopes, in order, to a loaded state.
+/// Applies stored envelopes, in order, to a loaded state: each stored
+/// event as what it reads as today (one event, a split's several, or none
+/// for a retired type); the loaded sequence counts stored events.
 fn apply_all<A: Aggregate>(
     loaded: &mut Loaded<A>,
     id: &str,
     envelopes: Vec<RawEnvelope>,
 ) -> Result<()> {
     for envelope in envelopes {
-        let event = A::Event::decode(
+        let events = A::Event::read(
             &envelope.event_type,
             envelope.event_version,
             envelope.payload,
@@ -178,7 +180,9 @@ fn apply_all<A: Aggregate>(
             ),
             source,
         })?;
-        loaded.state.apply(&event);
+        for event in events {
+            loaded.state.apply(&event);
+        }
         loaded.sequence = envelope.sequence;
         loaded.head_event = Some(envelope.event_id);
     }
