@@ -180,33 +180,7 @@ impl RawEnvelope {
 
     /// The envelope without its payload, and the payload.
     fn take_payload(self) -> (Envelope<()>, serde_json::Value) {
-        let Envelope {
-            event_type,
-            event_version,
-            event_id,
-            timestamp,
-            aggregate_type,
-            aggregate_id,
-            sequence,
-            correlation_id,
-            causation_id,
-            metadata,
-            payload,
-        } = self;
-        let origin = Envelope {
-            event_type,
-            event_version,
-            event_id,
-            timestamp,
-            aggregate_type,
-            aggregate_id,
-            sequence,
-            correlation_id,
-            causation_id,
-            metadata,
-            payload: (),
-        };
-        (origin, payload)
+        self.replace_payload(())
     }
 
     /// Wraps and encodes a new event: a fresh UUID v7, the current time,
@@ -244,12 +218,13 @@ impl RawEnvelope {
     }
 }
 
-impl Envelope<()> {
-    /// This envelope around `event`, with the event's current type and version.
-    fn wrap<E: Event>(self, event: E) -> Envelope<E> {
-        Envelope {
-            event_type: event.event_type().to_owned(),
-            event_version: event.event_version(),
+impl<P> Envelope<P> {
+    /// This envelope's identity and context around `payload`, and the
+    /// payload it had.
+    fn replace_payload<Q>(self, payload: Q) -> (Envelope<Q>, P) {
+        let envelope = Envelope {
+            event_type: self.event_type,
+            event_version: self.event_version,
             event_id: self.event_id,
             timestamp: self.timestamp,
             aggregate_type: self.aggregate_type,
@@ -258,8 +233,21 @@ impl Envelope<()> {
             correlation_id: self.correlation_id,
             causation_id: self.causation_id,
             metadata: self.metadata,
-            payload: event,
-        }
+            payload,
+        };
+        (envelope, self.payload)
+    }
+}
+
+impl Envelope<()> {
+    /// This envelope around `event`, with the event's current type and version.
+    fn wrap<E: Event>(self, event: E) -> Envelope<E> {
+        let event_type = event.event_type().to_owned();
+        let event_version = event.event_version();
+        let (mut envelope, ()) = self.replace_payload(event);
+        envelope.event_type = event_type;
+        envelope.event_version = event_version;
+        envelope
     }
 }
 
