@@ -12,6 +12,17 @@ struct OrderCreatedV1 {
     id: String,
 }
 
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct CheckoutV1 {
+    id: String,
+}
+
+impl From<CheckoutV1> for Vec<events::OrderEvent> {
+    fn from(v1: CheckoutV1) -> Self {
+        vec![events::OrderEvent::OrderCreated { order_id: v1.id, amount: 0 }, events::OrderEvent::Cancelled]
+    }
+}
+
 mod events {
     #![allow(dead_code)]
     // Shadows of what generated code could wrongly refer to.
@@ -23,8 +34,15 @@ mod events {
     struct Vec;
     struct Value;
 
+    struct Reading;
+    struct DecodeError;
+
     #[derive(Debug, Clone, PartialEq, ::tidings::Event)]
-    #[event(topic = "orders")]
+    #[event(
+        topic = "orders",
+        retired(name = "GiftWrapped", version = 2),
+        split(name = "Checkout", version = 1, typed = super::CheckoutV1)
+    )]
     pub(crate) enum OrderEvent {
         #[event(version = 2, upcast(from = 1, typed = super::OrderCreatedV1))]
         OrderCreated { order_id: ::std::string::String, amount: u64 },
@@ -46,5 +64,9 @@ fn main() {
     let payload = tidings::__private::serde_json::json!({"id": "ORD-1"});
     let upcast = events::OrderEvent::decode("OrderCreated", 1, payload).unwrap();
     assert_eq!(upcast, events::OrderEvent::OrderCreated { order_id: "ORD-1".into(), amount: 0 });
-    assert_eq!(events::OrderEvent::schemas().len(), 4);
+    assert_eq!(events::OrderEvent::schemas().len(), 5);
+    let retired = events::OrderEvent::read("GiftWrapped", 2, tidings::__private::serde_json::json!({})).unwrap();
+    assert_eq!(retired, tidings::Reading::Retired);
+    let split = events::OrderEvent::read("Checkout", 1, tidings::__private::serde_json::json!({"id": "O"})).unwrap();
+    assert_eq!(split.into_vec().len(), 2);
 }
