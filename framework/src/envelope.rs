@@ -159,9 +159,13 @@ impl RawEnvelope {
     }
 
     /// Reads the payload as the events it stands for today ([`Event::read`]):
-    /// one envelope, a split's several (each keeping this envelope's id,
-    /// sequence, timestamp and context, with its own current type and
-    /// version), or none for a retired type.
+    /// one envelope, a split's several, or none for a retired type.
+    ///
+    /// A split's envelopes keep this envelope's sequence, timestamp and
+    /// context, each with its own current type and version. The first keeps
+    /// the event id; each later one gets an id derived from it and its
+    /// place ([`part_id`]), the same on every read, so that consumers that
+    /// deduplicate on `event_id` keep every part.
     pub fn read<E: Event>(self) -> Result<Reading<Envelope<E>>, DecodeError> {
         let (origin, payload) = self.take_payload();
         Ok(
@@ -170,7 +174,12 @@ impl RawEnvelope {
                 Reading::Split(events) => Reading::Split(
                     events
                         .into_iter()
-                        .map(|event| origin.clone().wrap(event))
+                        .enumerate()
+                        .map(|(part, event)| {
+                            let mut envelope = origin.clone().wrap(event);
+                            envelope.event_id = part_id(origin.event_id, part);
+                            envelope
+                        })
                         .collect(),
                 ),
                 Reading::Retired => Reading::Retired,
@@ -216,6 +225,24 @@ impl RawEnvelope {
             (HEADER_AGGREGATE_TYPE, self.aggregate_type.clone()),
         ]
     }
+}
+
+/// The event id of part `part` of a split event whose stored id is `id`:
+/// `id` itself for the first part, else a UUID (version 8) from a SHA-256
+/// of `id` and the part's place, the same on every read.
+pub fn part_id(id: Uuid, part: usize) -> Uuid {
+    use sha2::Digest;
+    if part == 0 {
+        return id;
+    }
+    let mut hash = sha2::Sha256::new();
+    hash.update(b"tidings.split-part");
+    hash.update(id.as_bytes());
+    hash.update((part as u64).to_be_bytes());
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 impl<P> Envelope<P> {

@@ -66,7 +66,7 @@ pub mod testing;
 pub use aggregate::Aggregate;
 pub use envelope::{
     Envelope, EventContext, HEADER_AGGREGATE_TYPE, HEADER_EVENT_ID, HEADER_EVENT_TYPE,
-    HEADER_EVENT_VERSION, RawEnvelope, now_micros,
+    HEADER_EVENT_VERSION, RawEnvelope, now_micros, part_id,
 };
 pub use error::{Error, Result};
 pub use event::{DecodeError, Event, EventType, Reading, UpcastError};

@@ -426,6 +426,35 @@ fn retired_types_read_as_nothing_and_split_ones_as_their_parts_in_order() {
         Reading::One(ShopEvent::Added { sku: "a".into() })
     );
 
+    // Through an envelope, a split's parts keep the stored sequence; the
+    // first keeps the event id, the others get their own, the same on
+    // every read.
+    let stored = RawEnvelope {
+        event_type: "Checked".into(),
+        event_version: 1,
+        event_id: uuid::Uuid::now_v7(),
+        timestamp: tidings::now_micros(),
+        aggregate_type: "shop".into(),
+        aggregate_id: "S-1".into(),
+        sequence: 7,
+        correlation_id: None,
+        causation_id: None,
+        metadata: Default::default(),
+        payload: json!({"total": 5, "by": "card"}),
+    };
+    let parts = stored.clone().read::<ShopEvent>().unwrap().into_vec();
+    let again = stored.clone().read::<ShopEvent>().unwrap().into_vec();
+    assert_eq!(parts.len(), 2);
+    assert!(parts.iter().all(|p| p.sequence == 7));
+    assert_eq!(parts[0].event_id, stored.event_id);
+    assert_ne!(parts[1].event_id, stored.event_id);
+    assert_eq!(parts[1].event_id, again[1].event_id);
+    assert_eq!(parts[1].event_id, tidings::part_id(stored.event_id, 1));
+    assert_eq!(
+        (parts[0].event_type.as_str(), parts[1].event_type.as_str()),
+        ("Placed", "Paid")
+    );
+
     // `decode` reads only what is one event, and says why not.
     let retired = ShopEvent::decode("Wrapped", 1, json!({})).unwrap_err();
     assert!(

@@ -333,3 +333,48 @@ fn a_lock_of_the_first_format_is_read_and_blessing_keeps_other_topics() {
     assert!(text.contains("OrderShipped"), "{text}");
     std::fs::remove_file(path).unwrap();
 }
+
+/// Version 2 of `OrderCreated`, reading v1 through a typed upcaster that
+/// needs only the id.
+mod typed_old_version {
+    #[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+    pub(crate) struct CreatedV1 {
+        order_id: String,
+    }
+    impl From<CreatedV1> for OrderEvent {
+        fn from(v1: CreatedV1) -> Self {
+            OrderEvent::OrderCreated {
+                order_id: v1.order_id,
+                amount_cents: 0,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, tidings::Event)]
+    #[event(topic = "orders")]
+    pub(crate) enum OrderEvent {
+        #[event(version = 2, upcast(from = 1, typed = CreatedV1))]
+        OrderCreated {
+            order_id: String,
+            amount_cents: u64,
+        },
+        OrderCancelled {
+            order_id: String,
+        },
+    }
+}
+
+#[test]
+fn an_upcaster_that_reads_fewer_fields_of_an_old_version_is_compatible() {
+    let path = locked();
+    let report = Catalog::of::<typed_old_version::OrderEvent>()
+        .check_lock_with(&path, false)
+        .unwrap_or_else(|e| panic!("an upcaster reading less failed the check: {e}"));
+    let text = report.to_string();
+    assert!(
+        text.contains("field `.amount` is no longer read by the upcaster"),
+        "{text}"
+    );
+    assert!(text.contains("new version `OrderCreated` v2"), "{text}");
+    std::fs::remove_file(path).unwrap();
+}

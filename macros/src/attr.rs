@@ -119,11 +119,17 @@ pub(crate) fn enum_attrs(attrs: &[Attribute]) -> Result<EnumAttrs> {
                 if name.value().is_empty() {
                     return Err(Error::new(name.span(), "an event name cannot be empty"));
                 }
-                let version = version.map_or(1, |(v, _)| v);
                 if retiring {
+                    let Some((version, _)) = version else {
+                        return Err(Error::new(
+                            span,
+                            "retired(...) needs `version = N`: versions 1 to N of the type are dropped on read",
+                        ));
+                    };
                     out.retired.push(Retired { name, version, span });
                     return Ok(());
                 }
+                let version = version.map_or(1, |(v, _)| v);
                 let Some(kind) = kind else {
                     return Err(Error::new(
                         span,

@@ -123,6 +123,20 @@ pub(crate) fn validate(input: &Input<'_>) -> Result<()> {
     }
     for split in &input.splits {
         let key = (split.name.value(), split.version);
+        if let Some(variant) = input
+            .variants
+            .iter()
+            .find(|v| v.name == key.0 && v.version < key.1)
+        {
+            errors.push(Error::new(
+                split.span,
+                format!(
+                    "`{}` version {} is newer than the current version {} of variant `{}`: nothing can have stored it",
+                    key.0, key.1, variant.version, variant.ident
+                ),
+            ));
+            continue;
+        }
         if let Some(other) = keys.insert(key.clone(), "split".into()) {
             errors.push(Error::new(
                 split.span,

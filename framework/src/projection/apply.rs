@@ -479,6 +479,9 @@ async fn apply_one_by_one<P: Projection>(
             continue;
         };
         let event = event_span(name, &envelopes[0], span);
+        for part in &envelopes[1..] {
+            event_span(name, part, span);
+        }
         let mut savepoint = sqlx::Connection::begin(&mut *tx)
             .await
             .map_err(db("creating a savepoint"))?;

@@ -7,7 +7,10 @@
 //!   position), with duplicates, gaps, poison and parked streams already
 //!   taken out. Its events are in offset order, hence in sequence order
 //!   within each stream, and each stream's events follow each other without
-//!   a gap.
+//!   a gap. The one exception is a split event (one stored event read as
+//!   several, see [`Reading`](crate::Reading)): its parts follow each other
+//!   with the same sequence, each with its own event id
+//!   ([`part_id`](crate::part_id)).
 //! - What the projection writes for a batch commits with the positions and
 //!   the checkpoint, or not at all: a failed call rolls back everything it
 //!   wrote.

@@ -342,6 +342,13 @@ async fn redrive_one<P: Projection>(
             ));
             break;
         }
+        if envelopes.is_empty() {
+            // Retired: nothing to apply; its position is taken.
+            report.skipped += 1;
+            last = sequence;
+            done.push(id);
+            continue;
+        }
         let mut savepoint = tx.begin().await.map_err(db("creating a savepoint"))?;
         let mut applied = Ok(());
         for envelope in &envelopes {

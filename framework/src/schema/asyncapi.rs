@@ -82,8 +82,8 @@ fn component_id(text: &str) -> String {
 }
 
 /// Rewrites every `$ref` to `#/$defs/X` (or `#/definitions/X`) through
-/// `names`, and drops `$schema`.
-fn relocate(value: &mut Value, names: &BTreeMap<String, String>) {
+/// `names`, and `#` (a recursive type's root) to `root`; drops `$schema`.
+fn relocate(value: &mut Value, names: &BTreeMap<String, String>, root: &str) {
     match value {
         Value::Object(map) => {
             map.remove("$schema");
@@ -93,15 +93,66 @@ fn relocate(value: &mut Value, names: &BTreeMap<String, String>) {
                     .or_else(|| reference.strip_prefix("#/definitions/"));
                 if let Some(target) = local.and_then(|name| names.get(name)) {
                     *reference = format!("#/components/schemas/{target}");
+                } else if reference == "#" {
+                    *reference = format!("#/components/schemas/{root}");
                 }
             }
             for child in map.values_mut() {
-                relocate(child, names);
+                relocate(child, names, root);
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(|item| relocate(item, names)),
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|item| relocate(item, names, root)),
         _ => {}
     }
+}
+
+/// Places one event's schema (`root`, with its `$defs`) under
+/// `components.schemas` as `schema_id`. A definition keeps its own name
+/// unless another event already put a different body there; then it, and
+/// every definition that refers to it, is qualified by `schema_id`.
+fn place(schemas: &mut Map<String, Value>, schema_id: &str, mut root: Value) {
+    let defs = root
+        .as_object_mut()
+        .and_then(|m| m.remove("$defs").or_else(|| m.remove("definitions")));
+    let defs: Vec<(String, Value)> = match defs {
+        Some(Value::Object(defs)) => defs.into_iter().collect(),
+        _ => Vec::new(),
+    };
+    let mut names: BTreeMap<String, String> = defs
+        .iter()
+        .map(|(def, _)| (def.clone(), component_id(def)))
+        .collect();
+    let relocated = |body: &Value, names: &BTreeMap<String, String>| {
+        let mut body = body.clone();
+        relocate(&mut body, names, schema_id);
+        body
+    };
+    // Qualifying one name changes the bodies that refer to it: repeat
+    // until no placed body differs from what is already there.
+    loop {
+        let mut changed = false;
+        for (def, body) in &defs {
+            let qualified = component_id(&format!("{schema_id}.{def}"));
+            if names[def] != qualified
+                && schemas
+                    .get(&names[def])
+                    .is_some_and(|existing| *existing != relocated(body, &names))
+            {
+                names.insert(def.clone(), qualified);
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for (def, body) in &defs {
+        schemas.insert(names[def].clone(), relocated(body, &names));
+    }
+    relocate(&mut root, &names, schema_id);
+    schemas.insert(schema_id.to_owned(), root);
 }
 
 /// The envelope around one event type's payload.
@@ -184,44 +235,22 @@ impl Catalog {
                 else {
                     continue;
                 };
+                // Names on several topics are qualified by the topic.
+                let shared = topics_of_name[t.name] > 1;
                 let qualified = format!("{}.v{}", t.name, t.version);
-                let mut root = schema.schema.as_value().clone();
-                let defs = root
-                    .as_object_mut()
-                    .and_then(|m| m.remove("$defs").or_else(|| m.remove("definitions")));
-                let mut names = BTreeMap::new();
-                let defs: Vec<(String, Value)> = match defs {
-                    Some(Value::Object(defs)) => defs.into_iter().collect(),
-                    _ => Vec::new(),
+                let schema_id = if shared {
+                    component_id(&format!("{topic}.{qualified}"))
+                } else {
+                    component_id(&qualified)
                 };
-                for (def, _) in &defs {
-                    names.insert(def.clone(), component_id(def));
-                }
-                // A name another event defines differently is qualified.
-                for (def, body) in &defs {
-                    let mut body = body.clone();
-                    relocate(&mut body, &names);
-                    let plain = component_id(def);
-                    if schemas
-                        .get(&plain)
-                        .is_some_and(|existing| *existing != body)
-                    {
-                        names.insert(def.clone(), component_id(&format!("{qualified}.{def}")));
-                    }
-                }
-                for (def, mut body) in defs {
-                    relocate(&mut body, &names);
-                    schemas.insert(names[&def].clone(), body);
-                }
-                relocate(&mut root, &names);
-                let schema_id = component_id(&qualified);
+                let root = schema.schema.as_value().clone();
                 let description = root
                     .get("description")
                     .and_then(Value::as_str)
                     .map(str::to_owned);
-                schemas.insert(schema_id.clone(), root);
+                place(&mut schemas, &schema_id, root);
 
-                let message_id = if topics_of_name[t.name] > 1 {
+                let message_id = if shared {
                     component_id(&format!("{topic}.{}", t.name))
                 } else {
                     component_id(t.name)

@@ -51,6 +51,9 @@ pub enum FieldChangeKind {
     NowOptional,
     /// Only annotations (descriptions, titles, examples) differ.
     Annotations,
+    /// A field of an old version that its upcaster no longer reads: stored
+    /// payloads keep it, nothing writes that version any more.
+    NotRead,
 }
 
 impl FieldChange {
@@ -58,7 +61,9 @@ impl FieldChange {
     pub fn breaking(&self) -> bool {
         !matches!(
             self.kind,
-            FieldChangeKind::AddedOptional | FieldChangeKind::Annotations
+            FieldChangeKind::AddedOptional
+                | FieldChangeKind::Annotations
+                | FieldChangeKind::NotRead
         )
     }
 }
@@ -93,6 +98,10 @@ impl fmt::Display for FieldChange {
             FieldChangeKind::Annotations => {
                 write!(f, "descriptions or titles changed at `{path}`")
             }
+            FieldChangeKind::NotRead => write!(
+                f,
+                "field `{path}` is no longer read by the upcaster (stored payloads keep it)"
+            ),
         }
     }
 }
@@ -104,13 +113,38 @@ pub fn compare(old: &Value, new: &Value) -> Vec<FieldChange> {
     let mut changes = Vec::new();
     let roots = Roots { old, new };
     roots.walk("", old, new, &mut changes, 0);
-    if changes.is_empty() && old != new {
+    if changes.is_empty() && shape(old, old, 0) != shape(new, new, 0) {
+        // A difference the walk did not place (past its depth, say) is
+        // never taken for a compatible one.
+        changes.push(FieldChange {
+            path: "(payload)".into(),
+            kind: FieldChangeKind::Retyped(summary(old), summary(new)),
+        });
+    } else if changes.is_empty() && old != new {
         changes.push(FieldChange {
             path: "(payload)".into(),
             kind: FieldChangeKind::Annotations,
         });
     }
     changes
+}
+
+/// The changes to the schema of a version nothing writes any more (read
+/// through an upcaster): only what stored payloads must still satisfy
+/// counts. A field removed or made optional is one the upcaster no longer
+/// reads, and a field added to a closed object is optional for it.
+pub fn for_stored_only(changes: Vec<FieldChange>) -> Vec<FieldChange> {
+    changes
+        .into_iter()
+        .map(|mut change| {
+            change.kind = match change.kind {
+                FieldChangeKind::Removed | FieldChangeKind::NowOptional => FieldChangeKind::NotRead,
+                FieldChangeKind::AddedToClosedObject => FieldChangeKind::AddedOptional,
+                kind => kind,
+            };
+            change
+        })
+        .collect()
 }
 
 /// How deep references and nesting are followed (recursive types stop here).
@@ -197,6 +231,20 @@ impl Roots<'_> {
                 && new.get("items").is_some()
                 && types(old) == types(new) =>
             {
+                // The array itself (lengths, uniqueness), then its items.
+                let without_items = |root: &Value, v: &Value| {
+                    let mut v = shape(root, v, 0);
+                    if let Value::Object(map) = &mut v {
+                        map.remove("items");
+                    }
+                    v
+                };
+                if without_items(self.old, old) != without_items(self.new, new) {
+                    out.push(FieldChange {
+                        path: shown.into(),
+                        kind: FieldChangeKind::Retyped(summary(old), summary(new)),
+                    });
+                }
                 self.walk(
                     &format!("{path}[]"),
                     &old["items"],
@@ -397,6 +445,15 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn an_array_whose_length_changed_breaks() {
+        let old = json!({"type": "object", "properties": {"key": {"type": "array", "items": {"type": "integer"}}}, "required": ["key"]});
+        let new = json!({"type": "object", "properties": {"key": {"type": "array", "items": {"type": "integer"}, "minItems": 32, "maxItems": 32}}, "required": ["key"]});
+        let changes = compare(&old, &new);
+        assert!(changes.iter().any(FieldChange::breaking), "{changes:?}");
+        assert_eq!(changes[0].path, ".key");
     }
 
     #[test]

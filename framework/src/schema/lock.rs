@@ -59,6 +59,9 @@ struct Entry {
     /// Absent in locks of the first format.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     schema: Option<Value>,
+    /// Read from a lock of the first format (no topic, no schema).
+    #[serde(skip)]
+    first_format: bool,
 }
 
 /// Keyed by (topic, or empty in a lock of the first format; type; version):
@@ -133,6 +136,7 @@ fn read_first_format(path: &Path, text: &str) -> std::io::Result<Entries> {
             topic: None,
             fingerprint,
             schema: None,
+            first_format: true,
         };
         entries.insert(key(&entry), entry);
     }
@@ -430,19 +434,44 @@ impl Catalog {
 
     /// Whether a lock entry belongs to this catalog's topics.
     fn covers(&self, entry: &Entry) -> bool {
-        match entry.topic.as_deref() {
-            Some(topic) => self.topics().contains(&topic),
-            // A lock of the first format: the entry is ours if we read its type.
-            None => self
+        if entry.first_format {
+            // No topic recorded: the entry is ours if we read its type.
+            return self
                 .enums
                 .iter()
-                .any(|e| e.reads.iter().any(|t| t.name == entry.event_type)),
+                .any(|e| e.reads.iter().any(|t| t.name == entry.event_type));
+        }
+        match entry.topic.as_deref() {
+            Some(topic) => self.topics().contains(&topic),
+            // Recorded from an enum without a topic.
+            None => self.enums.iter().any(|e| e.topic.is_none()),
         }
     }
 
-    /// Whether the catalog reads the entry's (type, version) on its topic.
+    /// The changes to `name` v`version`, for an old version read through
+    /// a typed upcaster: only what stored payloads must satisfy.
+    fn classify(&self, name: &str, version: u32, changes: Vec<FieldChange>) -> Vec<FieldChange> {
+        let current = self.enums.iter().any(|e| {
+            e.types
+                .iter()
+                .any(|t| t.name == name && t.version == version)
+        });
+        if current {
+            changes
+        } else {
+            super::diff::for_stored_only(changes)
+        }
+    }
+
+    /// Whether the catalog reads the entry's (type, version) on its topic
+    /// (on any, for an entry of the first format).
     fn still_reads(&self, entry: &Entry) -> bool {
-        self.reads(entry.topic.as_deref(), &entry.event_type, entry.version)
+        let topic = if entry.first_format {
+            None
+        } else {
+            entry.topic.as_deref()
+        };
+        self.reads(topic, &entry.event_type, entry.version)
     }
 
     fn changes(&self, entries: &Entries) -> Vec<Change> {
@@ -476,7 +505,11 @@ impl Catalog {
                         ..
                     }),
                     _,
-                ) => changes.push(change(ChangeKind::Changed(compare(locked, current)))),
+                ) => changes.push(change(ChangeKind::Changed(self.classify(
+                    name,
+                    version,
+                    compare(locked, current),
+                )))),
                 (Some(_), _) => changes.push(change(ChangeKind::Unclassified)),
                 (None, Some(moved)) => changes.push(change(ChangeKind::MovedTopic {
                     from: moved.topic.clone().unwrap_or_default(),
@@ -513,7 +546,7 @@ impl Catalog {
             }
         }
         for entry in entries.values() {
-            if entry.schema.is_none() || !self.covers(entry) || self.still_reads(entry) {
+            if !self.covers(entry) || self.still_reads(entry) {
                 continue;
             }
             changes.push(Change {
@@ -535,10 +568,13 @@ impl Catalog {
         for (at, mut entry) in entries {
             if !self.covers(&entry) {
                 out.insert(at, entry);
-            } else if entry.topic.is_none() {
-                // First format: recorded again under the topic that reads it.
-                if let Some(topic) = self.topic_of(&entry.event_type, entry.version) {
-                    entry.topic = Some(topic.to_owned());
+            } else if entry.first_format {
+                // Recorded again under the topic of the enum that reads it.
+                if self.still_reads(&entry) {
+                    entry.topic = self
+                        .topic_of(&entry.event_type, entry.version)
+                        .map(str::to_owned);
+                    entry.first_format = false;
                     out.insert(key(&entry), entry);
                 }
             } else if self.still_reads(&entry) {
@@ -552,6 +588,7 @@ impl Catalog {
                 topic: topic.map(str::to_owned),
                 fingerprint: schema.fingerprint(),
                 schema: Some(schema.schema.as_value().clone()),
+                first_format: false,
             };
             out.insert(key(&entry), entry);
         }
