@@ -275,27 +275,25 @@ fn schema_commands_export_and_check_against_the_lock() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
 
-    // A lock recorded for another shape: exit 1, naming the event.
+    // A lock recorded when OrderCreated v2 had no currency: the field is
+    // now required, a breaking change without a version bump: exit 1,
+    // naming the event, the field and what to do.
     let tampered = dir.join("events.lock");
-    // The recorded fingerprint of OrderCreated v2 with its first digit
-    // changed (whatever that digit is).
-    let text_lock: String = std::fs::read_to_string(lock)
+    let mut locked: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lock).unwrap()).unwrap();
+    let created = locked["events"]
+        .as_array_mut()
         .unwrap()
-        .lines()
-        .map(|line| match line.strip_prefix("OrderCreated v2 ") {
-            Some(hash) => {
-                let first = if hash.starts_with('0') { '1' } else { '0' };
-                format!("OrderCreated v2 {first}{}\n", &hash[1..])
-            }
-            None => format!("{line}\n"),
-        })
-        .collect();
-    assert_ne!(
-        text_lock,
-        std::fs::read_to_string(lock).unwrap(),
-        "tampered"
-    );
-    std::fs::write(&tampered, text_lock).unwrap();
+        .iter_mut()
+        .find(|e| e["type"] == "OrderCreated" && e["version"] == 2)
+        .expect("OrderCreated v2 is locked");
+    created["fingerprint"] = "0".repeat(64).into();
+    created["schema"]["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("currency")
+        .expect("the locked schema has a currency");
+    std::fs::write(&tampered, serde_json::to_string_pretty(&locked).unwrap()).unwrap();
     let out = Command::new(example_bin("orders"))
         .args(["schema", "check", "--lock"])
         .arg(&tampered)
@@ -303,11 +301,27 @@ fn schema_commands_export_and_check_against_the_lock() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains("`OrderCreated` v2 changed shape without a version bump"),
-        "{}",
-        text(&out)
-    );
+    for expected in [
+        "`OrderCreated` v2 changed without a version bump",
+        "breaking: required field `.currency` added",
+        "raise `OrderCreated`'s `version` to 3",
+    ] {
+        assert!(text(&out).contains(expected), "{expected}: {}", text(&out));
+    }
+
+    // The AsyncAPI document, as the embeddable command writes it.
+    let document = dir.join("asyncapi.json");
+    let out = Command::new(example_bin("orders"))
+        .args(["schema", "asyncapi", "--topic-prefix", "prod.", "--out"])
+        .arg(&document)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let document: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&document).unwrap()).unwrap();
+    assert_eq!(document["asyncapi"], "3.0.0");
+    assert_eq!(document["info"]["title"], "orders");
+    assert_eq!(document["channels"]["orders"]["address"], "prod.orders");
     std::fs::remove_dir_all(dir).ok();
 }
 
