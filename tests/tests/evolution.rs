@@ -6,13 +6,16 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tidings::Envelope;
 use tidings::RawEnvelope;
 use tidings::kafka::KafkaConfig;
+use tidings::projection::ApplyError;
 use tidings::projection::{
     IgnoredEvents, NewerVersions, Projection, Runner, RunnerConfig, UnknownTypes, projection_status,
 };
 use tidings_tests::gauges::{
-    GaugeView, create_gauge_view, one_partition_topic, produce, spawn_runner,
+    GaugeEvent, GaugeView, GaugeWith, create_gauge_view, gauge_runner, one_partition_topic,
+    produce, spawn_runner,
 };
 use tidings_tests::{TestDb, brokers, wait_until};
 
@@ -204,4 +207,60 @@ async fn a_retired_event_is_skipped_and_a_split_one_applies_as_its_parts_in_orde
     );
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+/// A split event whose second part the projection refuses (or panics on):
+/// the whole stored event is dead-lettered, none of its parts applied,
+/// what follows it in its stream parked; other streams go on.
+async fn a_refused_part_dead_letters_its_whole_split_event(refuse: fn() -> Result<(), ApplyError>) {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
+    let projection = GaugeWith(
+        move |envelope: &Envelope<GaugeEvent>| match envelope.payload {
+            GaugeEvent::Set { value: 8 } => refuse(),
+            _ => Ok(()),
+        },
+    );
+    let (stop, task) = gauge_runner(&db, &prefix, projection);
+    for (id, sequence, event_type, version, payload) in [
+        ("g-1", 1, "Set", 2, json!({"value": 5})),
+        ("g-1", 2, "SetTwice", 1, json!({"first": 6, "second": 8})),
+        ("g-2", 1, "SetTwice", 1, json!({"first": 1, "second": 2})),
+        ("g-1", 3, "Set", 2, json!({"value": 9})),
+    ] {
+        let value = envelope(id, sequence, event_type, version, payload);
+        produce(&producer, &topic, id, &value).await;
+    }
+    wait_until(
+        "g-1's split dead-lettered, the event after it parked, g-2 applied",
+        Duration::from_secs(60),
+        async || parked_of(&db, "g-1").await == 2 && gauge(&db, "g-2").await == Some((2, 2)),
+    )
+    .await;
+    assert_eq!(
+        gauge(&db, "g-1").await,
+        Some((5, 1)),
+        "no part of the refused split was applied"
+    );
+    let parked: Vec<(i64, bool)> = sqlx::query_as(
+        "SELECT sequence, dead_letter FROM tidings_parked WHERE aggregate_id = 'g-1' ORDER BY sequence",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(parked, [(2, true), (3, false)]);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_part_of_a_split_event_dead_letters_the_whole_stored_event() {
+    a_refused_part_dead_letters_its_whole_split_event(|| Err(ApplyError::permanent("refused")))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_on_a_part_of_a_split_event_dead_letters_the_whole_stored_event() {
+    a_refused_part_dead_letters_its_whole_split_event(|| panic!("a part it cannot take")).await;
 }
