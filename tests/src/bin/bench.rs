@@ -6,6 +6,8 @@
 //!
 //! - append: `Store::execute` vs raw sqlx inserts of the same rows, one
 //!   transaction per command, same concurrency;
+//! - cache: the same commands on existing aggregates with and without the
+//!   aggregate cache (commands/s and the client's CPU per command);
 //! - outbox: one relay read of 500 rows with a backlog of other lanes
 //!   ahead of them, and with deleted rows at the head of its own lanes, vs
 //!   the single index scan in id order that earlier versions made;
@@ -42,7 +44,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// tidings benchmarks (real PostgreSQL and broker; see the module docs).
 #[derive(Debug, Parser)]
 struct Args {
-    /// Which: all, append, outbox, relay, replay, e2e.
+    /// Which: all, append, cache, outbox, relay, replay, e2e.
     #[arg(default_value = "all")]
     which: String,
     /// Commands per append configuration.
@@ -171,7 +173,55 @@ async fn append_tidings(
     per: usize,
     commands: usize,
 ) -> Result<f64, BoxError> {
-    let store = Store::new(pool.clone());
+    append_tidings_with(Store::new(pool.clone()), writers, per, commands).await
+}
+
+/// This process's CPU time so far (user and system, all threads), from
+/// `/proc/self/stat`.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which is in parentheses).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 11 and 12 after it.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// The aggregate cache measured alone: the same commands on aggregates that
+/// already have events (each aggregate's later commands), through a store
+/// whose cache holds them and through one without a cache (every command
+/// loads its stream). Returns commands/s and this process's CPU
+/// microseconds per command for each: (cached, uncached).
+async fn cache_cost(pool: &PgPool, commands: usize) -> Result<[(f64, f64); 2], BoxError> {
+    let mut out = [(0.0, 0.0); 2];
+    for (slot, capacity) in [(0, 10_000), (1, 0)] {
+        reset(pool).await?;
+        let store = Store::with_config(
+            pool.clone(),
+            tidings::StoreConfig::default().cache_capacity(capacity),
+        );
+        let cpu = cpu_time();
+        let rate = append_tidings_with(store, 4, 1, commands).await?;
+        let micros = (cpu_time() - cpu).as_secs_f64() * 1e6 / commands as f64;
+        out[slot] = (rate, micros);
+    }
+    Ok(out)
+}
+
+async fn append_tidings_with(
+    store: Store,
+    writers: usize,
+    per: usize,
+    commands: usize,
+) -> Result<f64, BoxError> {
     let started = Instant::now();
     let tasks: Vec<_> = (0..writers)
         .map(|w| {
@@ -832,6 +882,35 @@ async fn main() -> Result<(), BoxError> {
         eprintln!("append w=16 e=1 with the old trigger: {ours:.0} vs raw {raw:.0} commands/s");
     }
 
+    if all || args.which == "cache" {
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        let (mut cpu_on, mut cpu_off) = (Vec::new(), Vec::new());
+        for _ in 0..args.repeat.max(1) {
+            let [(rate_on, micros_on), (rate_off, micros_off)] =
+                cache_cost(&pool, args.commands).await?;
+            on.push(rate_on);
+            off.push(rate_off);
+            cpu_on.push(micros_on);
+            cpu_off.push(micros_off);
+        }
+        let (on, off, cpu_on, cpu_off) = (median(on), median(off), median(cpu_on), median(cpu_off));
+        eprintln!(
+            "cache: {on:.0} commands/s cached vs {off:.0} uncached; store CPU {cpu_on:.0} vs {cpu_off:.0} µs/command"
+        );
+        figures.push(Figure {
+            name: "append 4 writers x 1 event/command on existing aggregates, cached (baseline: no cache)".into(),
+            unit: "commands/s".into(),
+            tidings: on,
+            baseline: Some(off),
+        });
+        figures.push(Figure {
+            name: "client CPU per command, cached (baseline: no cache)".into(),
+            unit: "µs".into(),
+            tidings: cpu_on,
+            baseline: Some(cpu_off),
+        });
+    }
+
     if all || args.which == "outbox" {
         for figure in outbox_read(&pool, args.backlog).await? {
             eprintln!(
@@ -1013,7 +1092,7 @@ async fn main() -> Result<(), BoxError> {
     println!("| figure | tidings | raw baseline | ratio |");
     println!("|---|---|---|---|");
     for f in &figures {
-        let precise = f.unit == "ms" || f.unit == "MB";
+        let precise = f.unit == "ms" || f.unit == "MB" || f.unit == "µs";
         let baseline = f.baseline.map_or("-".into(), |b| {
             if precise {
                 format!("{b:.1} {}", f.unit)
