@@ -176,23 +176,17 @@ async fn append_tidings(
     append_tidings_with(Store::new(pool.clone()), writers, per, commands).await
 }
 
-/// This process's CPU time so far (user and system, all threads), from
-/// `/proc/self/stat`.
+/// This process's CPU time so far: the nanoseconds on CPU of each of its
+/// threads (`/proc/self/task/*/schedstat`), summed. The tokio workers that
+/// run the commands live for the whole program, so none is lost.
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // The fields after the command name (which is in parentheses).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 11 and 12 after it.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten();
+    let nanos: u64 = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(nanos)
 }
 
 /// The aggregate cache measured alone: the same commands on aggregates that
