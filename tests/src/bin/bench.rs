@@ -32,7 +32,7 @@ use clap::Parser;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgPool};
@@ -661,6 +661,11 @@ async fn raw_produce(topic: &str, n: usize) -> Result<f64, BoxError> {
             (e.aggregate_id.clone(), e.to_json(), headers)
         })
         .collect();
+    // Connected and the topic's leaders known before the clock starts, as
+    // the relay's drain is timed from its first acknowledged batch.
+    producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(30))?;
     let started = Instant::now();
     let mut pending = Vec::with_capacity(n);
     for (key, value, headers) in &messages {
