@@ -142,7 +142,7 @@ asyncapi_up() {
         return 0
     fi
     say "asyncapi parser: npm ci in scripts/asyncapi"
-    (cd "$dir" && npm ci --no-fund --no-audit --loglevel=error >/dev/null)
+    (cd "$dir" && npm ci --ignore-scripts --no-fund --no-audit --loglevel=error >/dev/null)
 }
 
 cmd="${1:-up}"
