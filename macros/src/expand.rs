@@ -20,24 +20,20 @@ pub(crate) fn expand(input: &Input<'_>) -> TokenStream {
         let version = v.version;
         quote!(::tidings::EventType { name: #name, version: #version })
     });
-    let reads = input.variants.iter().flat_map(|v| {
-        let mut reads = vec![(v.name.clone(), v.version)];
-        reads.extend(v.upcasts.iter().map(|u| (v.name_at(u.from), u.from)));
-        reads
-            .into_iter()
-            .map(|(name, version)| quote!(::tidings::EventType { name: #name, version: #version }))
-    });
-    let retired_reads = input.retired.iter().flat_map(|r| {
-        let name = r.name.value();
-        (1..=r.version)
-            .map(move |version| quote!(::tidings::EventType { name: #name, version: #version }))
-    });
-    let split_reads = input.splits.iter().map(|s| {
-        let name = s.name.value();
-        let version = s.version;
-        quote!(::tidings::EventType { name: #name, version: #version })
-    });
-    let reads = reads.chain(retired_reads).chain(split_reads);
+    // Every (name, version) the enum reads: current versions, upcast ones
+    // under their old names, retired and split ones.
+    let mut read_pairs: Vec<(String, u32)> = Vec::new();
+    for v in &input.variants {
+        read_pairs.push((v.name.clone(), v.version));
+        read_pairs.extend(v.upcasts.iter().map(|u| (v.name_at(u.from), u.from)));
+    }
+    for r in &input.retired {
+        read_pairs.extend((1..=r.version).map(|version| (r.name.value(), version)));
+    }
+    read_pairs.extend(input.splits.iter().map(|s| (s.name.value(), s.version)));
+    let reads = read_pairs
+        .iter()
+        .map(|(name, version)| quote!(::tidings::EventType { name: #name, version: #version }));
     let read_arms = input
         .retired
         .iter()

@@ -403,7 +403,7 @@ impl Catalog {
             return Ok(LockReport {
                 path: path.to_owned(),
                 changes: Vec::new(),
-                schemas: self.schemas().len(),
+                schemas: self.located().len(),
             });
         }
         let mut problems = clashes;
@@ -417,7 +417,7 @@ impl Catalog {
             Ok(LockReport {
                 path: path.to_owned(),
                 changes,
-                schemas: self.schemas().len(),
+                schemas: self.located().len(),
             })
         } else {
             Err(fail(problems, changes))
