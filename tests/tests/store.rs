@@ -1271,6 +1271,7 @@ async fn the_cache_holds_no_more_than_its_capacity() {
 /// A cart as first written: gift wrapping, and a checkout that recorded
 /// the order and its payment in one event.
 mod cart_before {
+    use super::Never;
     use serde::{Deserialize, Serialize};
     use tidings::{Aggregate, Event};
 
@@ -1284,10 +1285,6 @@ mod cart_before {
 
     #[derive(Debug, Clone, Default, Serialize, Deserialize)]
     pub(crate) struct Cart;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("never")]
-    pub(crate) struct Never;
 
     impl Aggregate for Cart {
         const TYPE: &'static str = "cart";
@@ -1304,6 +1301,7 @@ mod cart_before {
 /// The cart today: gift wrapping is retired, and the checkout is two
 /// events, the order placed and the payment taken.
 mod cart_after {
+    use super::Never;
     use serde::{Deserialize, Serialize};
     use serde_json::Value;
     use tidings::{Aggregate, Event, UpcastError};
@@ -1338,10 +1336,6 @@ mod cart_after {
     pub(crate) struct Cart {
         pub(crate) applied: Vec<String>,
     }
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("never")]
-    pub(crate) struct Never;
 
     impl Aggregate for Cart {
         const TYPE: &'static str = "cart";
