@@ -372,6 +372,26 @@ pub struct RelayArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+impl RelayArgs {
+    /// The relay's configuration these options ask for (timeouts of zero
+    /// seconds count as one).
+    pub fn config(&self, kafka: KafkaConfig) -> RelayConfig {
+        let secs = |s: u64| Duration::from_secs(s.max(1));
+        RelayConfig::new(kafka)
+            .batch_size(self.batch_size)
+            .pipeline_depth(self.pipeline_depth)
+            .delivery_timeout(secs(self.delivery_timeout_secs))
+            .db_timeout(secs(self.db_timeout_secs))
+            .stall_timeout(secs(self.stall_timeout_secs))
+            .shutdown_timeout(secs(self.shutdown_timeout_secs))
+            .create_topics((!self.no_create_topics).then(|| TopicSpec {
+                partitions: self.partitions,
+                replication: self.replication,
+                ..TopicSpec::default()
+            }))
+    }
+}
+
 /// `tidings outbox …`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum OutboxCommand {
@@ -543,24 +563,8 @@ impl Command {
                 Ok(())
             }
             Command::Relay(args) => {
-                let kafka = global.kafka()?;
+                let config = args.config(global.kafka()?);
                 let pool = global.pool().await?;
-                let mut config = RelayConfig::new(kafka)
-                    .batch_size(args.batch_size)
-                    .pipeline_depth(args.pipeline_depth)
-                    .delivery_timeout(Duration::from_secs(args.delivery_timeout_secs.max(1)))
-                    .db_timeout(Duration::from_secs(args.db_timeout_secs.max(1)))
-                    .stall_timeout(Duration::from_secs(args.stall_timeout_secs.max(1)))
-                    .shutdown_timeout(Duration::from_secs(args.shutdown_timeout_secs.max(1)));
-                config.create_topics = if args.no_create_topics {
-                    None
-                } else {
-                    Some(TopicSpec {
-                        partitions: args.partitions,
-                        replication: args.replication,
-                        ..TopicSpec::default()
-                    })
-                };
                 tracing::info!(brokers = %config.kafka.brokers, "relay starting");
                 let relay = Relay::new(pool.clone(), config)?;
                 if let Some(addr) = args.metrics_addr {
@@ -900,5 +904,51 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
         assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    /// The relay's options as `tidings relay` parses them into its config.
+    fn relay_config(args: &[&str]) -> RelayConfig {
+        let cli = Cli::try_parse_from(["tidings", "relay"].iter().chain(args)).unwrap();
+        let Command::Relay(relay) = cli.command else {
+            panic!("parsed as another command")
+        };
+        relay.config(KafkaConfig::new("127.0.0.1:9092"))
+    }
+
+    #[test]
+    fn every_relay_option_reaches_the_relay_config() {
+        let config = relay_config(&[
+            "--batch-size",
+            "7",
+            "--pipeline-depth",
+            "9",
+            "--partitions",
+            "3",
+            "--replication",
+            "2",
+            "--delivery-timeout-secs",
+            "11",
+            "--db-timeout-secs",
+            "12",
+            "--stall-timeout-secs",
+            "13",
+            "--shutdown-timeout-secs",
+            "0",
+        ]);
+        assert_eq!(config.batch_size, 7);
+        assert_eq!(config.pipeline_depth, 9);
+        assert_eq!(config.delivery_timeout, Duration::from_secs(11));
+        assert_eq!(config.db_timeout, Duration::from_secs(12));
+        assert_eq!(config.stall_timeout, Duration::from_secs(13));
+        assert_eq!(
+            config.shutdown_timeout,
+            Duration::from_secs(1),
+            "0 counts as 1"
+        );
+        let spec = config.create_topics.expect("topics created by default");
+        assert_eq!((spec.partitions, spec.replication), (3, Some(2)));
+
+        let config = relay_config(&["--no-create-topics"]);
+        assert!(config.create_topics.is_none(), "--no-create-topics");
     }
 }
