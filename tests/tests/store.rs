@@ -593,6 +593,45 @@ async fn snapshots_are_used_and_bad_ones_ignored() {
 }
 
 #[tokio::test]
+async fn an_append_whose_snapshot_fails_commits_no_event_and_no_outbox_row() {
+    let db = TestDb::new().await;
+    let store = Store::new(db.pool.clone());
+    for i in 0..4 {
+        store.execute::<Ledger>("L-ATOM", (1, i)).await.unwrap();
+    }
+    // The fifth event is due a snapshot, whose write fails.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'no snapshot today'; END $$; \
+         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON tidings_snapshots \
+         FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let failed = store.execute::<Ledger>("L-ATOM", (1, 4)).await;
+    assert!(
+        matches!(&failed, Err(ExecuteError::Store(Error::Database { .. }))),
+        "the snapshot's failure is the command's: {failed:?}"
+    );
+    assert_eq!(count_rows(&db, "tidings_events").await, 4, "no fifth event");
+    assert_eq!(
+        count_rows(&db, "tidings_outbox").await,
+        4,
+        "no fifth outbox row"
+    );
+    // Without the trigger the same command commits, snapshot and all.
+    sqlx::query("DROP TRIGGER refuse ON tidings_snapshots")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let committed = store.execute::<Ledger>("L-ATOM", (1, 4)).await.unwrap();
+    assert_eq!(committed.sequence, 5);
+    assert_eq!(count_rows(&db, "tidings_snapshots").await, 1);
+    assert_eq!(count_rows(&db, "tidings_outbox").await, 5);
+}
+
+#[tokio::test]
 async fn a_database_without_migrations_says_so() {
     let db = TestDb::empty().await;
     let store = Store::new(db.pool.clone());

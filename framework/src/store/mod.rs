@@ -3,10 +3,11 @@
 //! # Guarantees
 //!
 //! - **Atomicity.** A command's events and their outbox rows are written by
-//!   one statement, inside the transaction that runs the command, so they
-//!   commit or roll back together, and together with the caller's own
-//!   writes when the caller passes its transaction ([`Store::execute_in`]).
-//!   An event reaches the outbox, hence Kafka, if and only if it committed.
+//!   one statement, so they commit or roll back together. Under
+//!   [`Store::execute`] that statement is the command's whole transaction
+//!   (with a snapshot when one is due, a transaction holds both); under
+//!   [`Store::execute_in`] it commits with the caller's own writes. An event
+//!   reaches the outbox, hence Kafka, if and only if it committed.
 //! - **Optimistic concurrency.** A unique key on (aggregate type, id,
 //!   sequence) means two writers never both append after the same state. The
 //!   loser gets [`Error::Conflict`]; [`Store::execute`] reloads and retries a
@@ -26,7 +27,9 @@
 //! - **Valid keys.** An empty aggregate id, or one over
 //!   [`MAX_AGGREGATE_ID_BYTES`], is refused at append (it would be an empty or
 //!   unwieldy Kafka key).
-//! - **One round trip per append**, whatever the number of events (`UNNEST`).
+//! - **One round trip per append**, whatever the number of events (`UNNEST`):
+//!   a command on a cached aggregate, or a creation, is one round trip in
+//!   all, with no `BEGIN` or `COMMIT` around it.
 //! - **Snapshots** are an optimisation only: a snapshot of another
 //!   [`Aggregate::SNAPSHOT_VERSION`], or one that does not decode, is
 //!   ignored and the stream replayed.
@@ -139,6 +142,19 @@ enum Start {
     Load,
     /// A creation: the empty state at sequence 0, nothing loaded.
     New,
+}
+
+/// How a command's writes commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    /// The connection is in no transaction: the append statement commits
+    /// by itself, and writes that must commit together (an append and a
+    /// snapshot) get a transaction of their own. Reads before it (loads,
+    /// head checks) run as statements of their own too; the append checks
+    /// the head they saw, so nothing decided on them commits if it moved.
+    Autocommit,
+    /// Inside the caller's transaction (a savepoint): written, not committed.
+    InTransaction,
 }
 
 /// An aggregate loaded from the store: its state and the sequence of its last event.
@@ -279,8 +295,9 @@ impl Store {
         load::load::<A>(&mut conn, id).await
     }
 
-    /// Runs a command: load, handle, append and commit in one transaction,
-    /// retrying concurrency conflicts with jittered backoff.
+    /// Runs a command: load (or take the cached state), handle, and append,
+    /// the events and outbox rows committing in one statement; concurrency
+    /// conflicts are retried with jittered backoff.
     pub async fn execute<A: Aggregate>(
         &self,
         id: &str,
@@ -358,7 +375,7 @@ impl Store {
         self.run::<A>(id, command, context, Start::New).await
     }
 
-    /// Runs a command in a transaction of its own, its first attempt from
+    /// Runs a command on a connection of its own, its first attempt from
     /// `first`, conflicts retried (except for a creation) from the cached
     /// state caught up.
     async fn run<A: Aggregate>(
@@ -373,41 +390,22 @@ impl Store {
     {
         let mut attempt = 0;
         loop {
-            let mut tx = self
+            let mut conn = self
                 .pool
-                .begin()
+                .acquire()
                 .await
-                .map_err(Error::db("beginning a transaction"))?;
-            let outcome = match self
+                .map_err(Error::db("acquiring a connection"))?;
+            let outcome = self
                 .try_execute::<A>(
-                    &mut tx,
+                    &mut conn,
                     id,
                     command.clone(),
                     context,
                     if attempt == 0 { first } else { Start::CatchUp },
+                    Writes::Autocommit,
                 )
-                .await
-            {
-                Ok((committed, head)) => match tx.commit().await {
-                    Ok(()) => Ok((committed, head)),
-                    // A serialization failure at commit (SERIALIZABLE) is a
-                    // conflict like any other: retried after a reload.
-                    Err(e) if append::is_serialization_failure(&e) => {
-                        Err(ExecuteError::Store(append::conflict(A::TYPE, id, 0)))
-                    }
-                    Err(e) => {
-                        self.cache.forget::<A>(id);
-                        return Err(
-                            Error::db(format!("committing a command on {}/{id}", A::TYPE))(e)
-                                .into(),
-                        );
-                    }
-                },
-                Err(e) => {
-                    drop(tx);
-                    Err(e)
-                }
-            };
+                .await;
+            drop(conn);
             match outcome {
                 Ok((mut committed, head)) => {
                     committed.retries = attempt;
@@ -489,7 +487,14 @@ impl Store {
                 .await
                 .map_err(Error::db("creating a savepoint"))?;
             match self
-                .try_execute::<A>(&mut savepoint, id, command.clone(), context, Start::Load)
+                .try_execute::<A>(
+                    &mut savepoint,
+                    id,
+                    command.clone(),
+                    context,
+                    Start::Load,
+                    Writes::InTransaction,
+                )
                 .await
             {
                 Ok((mut committed, _)) => {
@@ -558,7 +563,8 @@ impl Store {
     }
 
     /// Loads (or takes from the cache), decides, appends. Returns what was
-    /// committed and the stream's head after it, when known.
+    /// committed (or, with [`Writes::InTransaction`], written) and the
+    /// stream's head after it, when known.
     async fn try_execute<A: Aggregate>(
         &self,
         conn: &mut PgConnection,
@@ -566,10 +572,12 @@ impl Store {
         command: A::Command,
         context: &EventContext,
         start: Start,
+        writes: Writes,
     ) -> Result<(Committed<A>, Option<Head>), ExecuteError<A::Error>>
     where
         A::Command: Clone,
     {
+        use sqlx::Connection;
         let cached = match start {
             Start::Cached | Start::CatchUp => self.cache.get::<A>(id),
             Start::Load | Start::New => None,
@@ -622,28 +630,52 @@ impl Store {
             };
             return Ok((committed, head));
         }
-        let envelopes = append::append::<A::Event>(
-            conn,
-            append::Target {
-                aggregate_type: A::TYPE,
-                aggregate_id: id,
-                topic: &self.topic_of::<A>(),
-                expected_sequence: loaded.sequence,
-                expected_head: loaded.head_event,
-            },
-            &events,
-            context,
-        )
-        .await?;
-        for event in &events {
-            state.apply(event);
-        }
         let sequence = loaded.sequence + events.len() as u64;
-        if A::SNAPSHOT_EVERY > 0
-            && loaded.sequence / A::SNAPSHOT_EVERY != sequence / A::SNAPSHOT_EVERY
-        {
-            load::save_snapshot(conn, id, sequence, &state).await?;
-        }
+        let snapshot_due = A::SNAPSHOT_EVERY > 0
+            && loaded.sequence / A::SNAPSHOT_EVERY != sequence / A::SNAPSHOT_EVERY;
+        let target = append::Target {
+            aggregate_type: A::TYPE,
+            aggregate_id: id,
+            topic: &self.topic_of::<A>(),
+            expected_sequence: loaded.sequence,
+            expected_head: loaded.head_event,
+        };
+        let envelopes = if snapshot_due && writes == Writes::Autocommit {
+            // Two writes that commit together: a transaction of their own.
+            let mut tx = conn
+                .begin()
+                .await
+                .map_err(Error::db("beginning a transaction"))?;
+            let envelopes = append::append::<A::Event>(&mut tx, target, &events, context).await?;
+            for event in &events {
+                state.apply(event);
+            }
+            load::save_snapshot(&mut tx, id, sequence, &state).await?;
+            match tx.commit().await {
+                Ok(()) => envelopes,
+                // A serialization failure at commit (SERIALIZABLE) is a
+                // conflict like any other: retried after a reload.
+                Err(e) if append::is_serialization_failure(&e) => {
+                    return Err(append::conflict(A::TYPE, id, loaded.sequence).into());
+                }
+                Err(e) => {
+                    return Err(
+                        Error::db(format!("committing a command on {}/{id}", A::TYPE))(e).into(),
+                    );
+                }
+            }
+        } else {
+            // Alone, the append statement is its own transaction: the
+            // command commits in one round trip.
+            let envelopes = append::append::<A::Event>(conn, target, &events, context).await?;
+            for event in &events {
+                state.apply(event);
+            }
+            if snapshot_due {
+                load::save_snapshot(conn, id, sequence, &state).await?;
+            }
+            envelopes
+        };
         let head = envelopes.last().map(|last| Head {
             sequence,
             event_id: last.event_id,
