@@ -243,7 +243,7 @@ fn the_benchmark_program_runs_at_a_tiny_size() {
     assert!(output.status.success(), "{}", text(&output));
     let figures: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    assert_eq!(figures.len(), 30, "{figures:?}");
+    assert_eq!(figures.len(), 36, "{figures:?}");
     for figure in &figures {
         assert!(figure["tidings"].as_f64().unwrap() > 0.0, "{figure}");
     }
