@@ -876,9 +876,8 @@ async fn main() -> Result<(), BoxError> {
                     reset(&pool).await?;
                     bare.push(append_raw(&pool, writers, per, args.commands, false).await?);
                     reset(&pool).await?;
-                    single.push(
-                        append_raw_one_statement(&pool, writers, per, args.commands).await?,
-                    );
+                    single
+                        .push(append_raw_one_statement(&pool, writers, per, args.commands).await?);
                     reset(&pool).await?;
                     oursv.push(append_tidings(&pool, writers, per, args.commands).await?);
                 }
