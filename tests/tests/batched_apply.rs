@@ -2,7 +2,8 @@
 //! PostgreSQL and the real broker: how the runner handles a batch refused
 //! naming its event, refused without naming one, a panic, and the
 //! cardinality error a batch that is not folded per row raises; and what a
-//! batch of duplicates writes.
+//! batch of duplicates writes; and a stream another transaction creates
+//! while a batch claims it.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -393,6 +394,84 @@ async fn a_batch_of_duplicates_rewrites_no_stream_row_and_changes_no_read_model_
         .await
         .unwrap();
     assert_eq!(events, sent.len() as i64, "each reading applied once");
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+/// Whether a backend of `db` waits on a lock in an insert into the stream
+/// positions (the runner's claim of its batch's new streams).
+async fn a_claim_waits(db: &TestDb) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO tidings_projection_streams%')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_by_another_transaction_while_a_batch_claims_it_is_planned_again_not_applied_twice()
+ {
+    let db = TestDb::new().await;
+    create_gauge_view(&db).await;
+    let (prefix, topic, producer) = one_partition_topic().await;
+    // Another transaction (an instance that applied G-1's first reading)
+    // creates G-1's position and has not committed yet: the runner's lock
+    // statement cannot see it, so its batch plans G-1 as a new stream.
+    let mut other = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
+         VALUES ($1, 'gauge', 'G-1', 1)",
+    )
+    .bind(GaugeView.name())
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    produce(&producer, &topic, "G-1", &v1("G-1", 1, "1")).await;
+    produce(&producer, &topic, "G-1", &v1("G-1", 2, "2")).await;
+    let (stop, task) = gauge_runner(&db, &prefix, GaugeView);
+    // The batch's claim of G-1 waits on the other transaction's row:
+    // evidence that the interleaving under test happened.
+    tidings_tests::wait_until(
+        "the runner's claim of G-1 waiting on the other transaction",
+        Duration::from_secs(30),
+        async || a_claim_waits(&db).await,
+    )
+    .await;
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM gauge_view")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, 0, "nothing applied while the claim waits");
+    other.commit().await.unwrap();
+    // The claim finds the row made meanwhile: the batch is rolled back and
+    // planned again on the committed position, so the first reading, which
+    // the other transaction took, is a duplicate and only the second applies.
+    tidings_tests::wait_until(
+        "G-1's second reading applied",
+        Duration::from_secs(30),
+        async || {
+            sqlx::query_scalar::<_, i64>("SELECT value FROM gauge_view WHERE id = 'G-1'")
+                .fetch_optional(&db.pool)
+                .await
+                .unwrap()
+                == Some(2)
+        },
+    )
+    .await;
+    let (events, position): (i64, i64) = sqlx::query_as(
+        "SELECT g.events, s.last_sequence FROM gauge_view g, tidings_projection_streams s \
+         WHERE g.id = 'G-1' AND s.aggregate_id = 'G-1'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (events, position),
+        (1, 2),
+        "G-1's first reading is not applied again; its position moved on to 2"
+    );
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
