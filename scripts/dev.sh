@@ -7,6 +7,8 @@
 #   scripts/dev.sh down        stop the broker this script started (by pid)
 #   scripts/dev.sh status      say what runs where
 #   scripts/dev.sh env         print the environment the tests and examples use
+#   scripts/dev.sh toolchain   make the pinned Rust toolchain (rust-toolchain.toml)
+#                              usable, offline too when the default is that release
 #   scripts/dev.sh test        up, then run the whole test suite
 #   scripts/dev.sh quickstart  PostgreSQL up, then the quick start (on an
 #                              embedded broker unless one answers or
@@ -145,9 +147,29 @@ asyncapi_up() {
     (cd "$dir" && npm ci --ignore-scripts --no-fund --no-audit --loglevel=error >/dev/null)
 }
 
+# The workspace's pinned toolchain (rust-toolchain.toml). rustup would try to
+# download it if missing; on a machine without internet whose default
+# toolchain is that very release, the default is linked under its name.
+toolchain_ready() {
+    command -v rustup >/dev/null || return 0
+    local pinned installed default release
+    pinned="$(sed -n 's/^channel = "\(.*\)"/\1/p' "$ROOT/rust-toolchain.toml")"
+    installed="$(rustup toolchain list)"
+    case $'\n'"$installed" in *$'\n'"$pinned"[-\ ]*|*$'\n'"$pinned") return 0 ;; esac
+    default="$(rustup default | cut -d' ' -f1)"
+    release="$(RUSTUP_TOOLCHAIN="$default" rustc -vV | sed -n 's/^release: //p')"
+    if [ "$release" = "$pinned" ]; then
+        say "toolchain: $pinned is not installed; linking the default ($default), which is that release"
+        rustup toolchain link "$pinned" "$(RUSTUP_TOOLCHAIN="$default" rustc --print sysroot)"
+    else
+        say "toolchain: rust-toolchain.toml pins $pinned; rustup installs it on first use (the default here is $release)"
+    fi
+}
+
 cmd="${1:-up}"
 case "$cmd" in
-    up) pg_up; broker_up; asyncapi_up ;;
+    toolchain) toolchain_ready ;;
+    up) toolchain_ready; pg_up; broker_up; asyncapi_up ;;
     down) broker_down ;;
     status)
         port_open "$PG_PORT" && say "postgres: up on 127.0.0.1:$PG_PORT" || say "postgres: down"
@@ -159,7 +181,7 @@ case "$cmd" in
         echo "export TIDINGS_NISSHI=$NISSHI"
         ;;
     test)
-        pg_up; broker_up; asyncapi_up
+        toolchain_ready; pg_up; broker_up; asyncapi_up
         cd "$ROOT"
         export TIDINGS_NISSHI="$NISSHI"
         cargo test --workspace --locked "${@:2}"
@@ -175,7 +197,7 @@ case "$cmd" in
     quickstart)
         # No broker install for a first run: a broker the user names, else
         # one that answers here, else the quick start's embedded one.
-        pg_up
+        toolchain_ready; pg_up
         if [ -n "$GIVEN_KAFKA_BROKERS" ]; then
             say "broker: KAFKA_BROKERS=$GIVEN_KAFKA_BROKERS"
         elif speaks_kafka "$BROKER_PORT"; then
@@ -187,5 +209,5 @@ case "$cmd" in
         cd "$ROOT"
         cargo run --locked -p tidings-examples --example quickstart -- "${@:2}"
         ;;
-    *) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 2 ;;
+    *) sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 2 ;;
 esac
