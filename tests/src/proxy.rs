@@ -16,6 +16,7 @@ pub struct Proxy {
     /// `127.0.0.1:port` to connect to instead of the upstream.
     pub address: String,
     black_hole: Arc<AtomicBool>,
+    cut: Arc<AtomicBool>,
     forwarded: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -31,10 +32,12 @@ impl Proxy {
             .expect("the proxy's address")
             .to_string();
         let black_hole = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
         let forwarded = Arc::new(AtomicU64::new(0));
         let upstream = upstream.to_owned();
         let task = {
             let black_hole = Arc::clone(&black_hole);
+            let cut = Arc::clone(&cut);
             let forwarded = Arc::clone(&forwarded);
             tokio::spawn(async move {
                 let mut held = Vec::new();
@@ -60,6 +63,7 @@ impl Proxy {
                             from,
                             to,
                             Arc::clone(&black_hole),
+                            Arc::clone(&cut),
                             Arc::clone(&forwarded),
                         ));
                     }
@@ -69,9 +73,17 @@ impl Proxy {
         Proxy {
             address,
             black_hole,
+            cut,
             forwarded,
             task,
         }
+    }
+
+    /// Closes every forwarded connection at both ends (within 20 ms), as a
+    /// network that drops them does: each side sees its peer gone, whatever
+    /// was in flight.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
     }
 
     /// From now on nothing is forwarded and nothing is closed.
@@ -96,16 +108,21 @@ impl<T: tokio::io::AsyncRead + Unpin + Send> AsyncReadUnpin for T {}
 trait AsyncWriteUnpin: tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncWrite + Unpin + Send> AsyncWriteUnpin for T {}
 
-/// Copies one direction until either side closes; in black-hole mode it
-/// stops reading and writing but keeps both sockets open.
+/// Copies one direction until either side closes or the proxy is cut; in
+/// black-hole mode it stops reading and writing but keeps both sockets open.
 async fn pump(
     mut from: Box<dyn AsyncReadUnpin>,
     mut to: Box<dyn AsyncWriteUnpin>,
     black_hole: Arc<AtomicBool>,
+    cut: Arc<AtomicBool>,
     forwarded: Arc<AtomicU64>,
 ) {
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
+        if cut.load(Ordering::SeqCst) {
+            // Both halves dropped: the sockets close.
+            return;
+        }
         if black_hole.load(Ordering::SeqCst) {
             // Hold both halves open, silently, for as long as the test runs.
             tokio::time::sleep(Duration::from_secs(3600)).await;

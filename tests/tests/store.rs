@@ -631,6 +631,76 @@ async fn an_append_whose_snapshot_fails_commits_no_event_and_no_outbox_row() {
     assert_eq!(count_rows(&db, "tidings_outbox").await, 5);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_whose_answer_is_lost_is_reported_as_possibly_committed() {
+    let db = TestDb::new().await;
+    let options = db.connect_options();
+    let server = format!("{}:{}", options.get_host(), options.get_port());
+    let proxy = tidings_tests::proxy::Proxy::start(&server).await;
+    let port: u16 = proxy.address.rsplit(':').next().unwrap().parse().unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options.host("127.0.0.1").port(port))
+        .await
+        .unwrap();
+    let store = Store::new(pool);
+    // Another transaction holds L-LOST's first sequence: the store's append
+    // waits on it at the server.
+    let mut other = db.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO tidings_events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
+         event_version, recorded_at, payload) \
+         VALUES (gen_random_uuid(), 'ledger', 'L-LOST', 1, 'Deposited', 1, now(), '{}')",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let command = tokio::spawn(async move { store.create::<Ledger>("L-LOST", (5, 1)).await });
+    tidings_tests::wait_until(
+        "the append waiting on the other transaction",
+        Duration::from_secs(30),
+        async || {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO tidings_events%')",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+        },
+    )
+    .await;
+    // The network drops the store's connection while the append is on
+    // the server, and the other transaction then rolls back.
+    proxy.cut();
+    let failed = command.await.unwrap();
+    let message = match &failed {
+        Err(ExecuteError::Store(e @ Error::Database { .. })) => e.to_string(),
+        other => panic!("a lost answer is a database error: {other:?}"),
+    };
+    assert!(
+        message.contains("may have committed"),
+        "the error says the outcome is unknown: {message}"
+    );
+    other.rollback().await.unwrap();
+    // It did commit: the server finished the statement without its client.
+    tidings_tests::wait_until(
+        "the append committed without its client",
+        Duration::from_secs(30),
+        async || count_rows(&db, "tidings_events").await == 1,
+    )
+    .await;
+    let stored: String = sqlx::query_scalar("SELECT payload->>'amount' FROM tidings_events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored, "5",
+        "the store's event, not the other transaction's"
+    );
+    assert_eq!(count_rows(&db, "tidings_outbox").await, 1);
+}
+
 #[tokio::test]
 async fn a_database_without_migrations_says_so() {
     let db = TestDb::empty().await;

@@ -78,6 +78,9 @@ pub(crate) struct Target<'a> {
     pub(crate) expected_sequence: u64,
     /// The id of the event at `expected_sequence`, when the writer knows it.
     pub(crate) expected_head: Option<uuid::Uuid>,
+    /// Whether the statement is its own transaction (no `BEGIN` before it):
+    /// then an answer lost after it was sent leaves the outcome unknown.
+    pub(crate) commits_alone: bool,
 }
 
 /// The conflict error for an append to `aggregate_type/aggregate_id` after `expected`.
@@ -134,6 +137,7 @@ pub(crate) async fn append<E: Event>(
         topic,
         expected_sequence,
         expected_head,
+        commits_alone,
     } = target;
     if events.is_empty() {
         return Ok(Vec::new());
@@ -217,6 +221,18 @@ pub(crate) async fn append<E: Event>(
             Err(conflict())
         }
         Err(e) if is_serialization_failure(&e) => Err(conflict()),
+        // No answer (the connection failed): a statement that is its own
+        // transaction may have committed all the same.
+        Err(e) if commits_alone && !matches!(e, sqlx::Error::Database(_)) => {
+            Err(Error::db(format!(
+                "{}: no answer after the append was sent, so it may have committed (the events' ids tell: {})",
+                what(),
+                envelopes
+                    .first()
+                    .map(|e| e.event_id.to_string())
+                    .unwrap_or_default()
+            ))(e))
+        }
         Err(e) => Err(Error::db(what())(e)),
     }
 }

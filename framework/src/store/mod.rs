@@ -28,8 +28,20 @@
 //!   [`MAX_AGGREGATE_ID_BYTES`], is refused at append (it would be an empty or
 //!   unwieldy Kafka key).
 //! - **One round trip per append**, whatever the number of events (`UNNEST`):
-//!   a command on a cached aggregate, or a creation, is one round trip in
-//!   all, with no `BEGIN` or `COMMIT` around it.
+//!   a command on a cached aggregate, or a creation, sends one statement
+//!   with no `BEGIN` or `COMMIT` around it (besides the pool's check of the
+//!   connection it hands out). A command whose append is due a snapshot
+//!   sends `BEGIN`, the append, the snapshot and `COMMIT`.
+//! - **An unknown outcome is said to be one.** Once [`Store::execute`] has
+//!   sent its append, the append commits on the server whether or not the
+//!   answer comes back: a connection lost at that point, or an `execute`
+//!   future dropped then (a timeout around it, a client gone), may leave
+//!   the command committed, as a lost answer to a `COMMIT` would. The
+//!   error then says so, and the events' ids are unique, so
+//!   [`Store::read_stream`] tells whether they landed; retry a command
+//!   after such an error only if it is idempotent or after that check. A
+//!   conflict, a refusal or an error before the append was sent commits
+//!   nothing.
 //! - **Snapshots** are an optimisation only: a snapshot of another
 //!   [`Aggregate::SNAPSHOT_VERSION`], or one that does not decode, is
 //!   ignored and the stream replayed.
@@ -151,7 +163,8 @@ enum Writes {
     /// by itself, and writes that must commit together (an append and a
     /// snapshot) get a transaction of their own. Reads before it (loads,
     /// head checks) run as statements of their own too; the append checks
-    /// the head they saw, so nothing decided on them commits if it moved.
+    /// the sequence they saw (and the head event's id when it is known), so
+    /// nothing decided on them commits if the stream moved.
     Autocommit,
     /// Inside the caller's transaction (a savepoint): written, not committed.
     InTransaction,
@@ -296,8 +309,11 @@ impl Store {
     }
 
     /// Runs a command: load (or take the cached state), handle, and append,
-    /// the events and outbox rows committing in one statement; concurrency
-    /// conflicts are retried with jittered backoff.
+    /// the events and outbox rows committing in one statement (in a
+    /// transaction with the snapshot when one is due); concurrency
+    /// conflicts are retried with jittered backoff. An error after the
+    /// append was sent may leave the command committed (see the module's
+    /// guarantees).
     pub async fn execute<A: Aggregate>(
         &self,
         id: &str,
@@ -639,6 +655,7 @@ impl Store {
             topic: &self.topic_of::<A>(),
             expected_sequence: loaded.sequence,
             expected_head: loaded.head_event,
+            commits_alone: writes == Writes::Autocommit && !snapshot_due,
         };
         let envelopes = if snapshot_due && writes == Writes::Autocommit {
             // Two writes that commit together: a transaction of their own.
@@ -708,6 +725,7 @@ impl Store {
             topic: &self.topic_of::<A>(),
             expected_sequence,
             expected_head: None,
+            commits_alone: !sqlx::Connection::is_in_transaction(&*conn),
         };
         match append::append::<A::Event>(conn, target, events, context).await {
             Ok(envelopes) => {
