@@ -490,6 +490,20 @@ pub async fn published(pool: &PgPool) -> i64 {
     .unwrap()
 }
 
+/// Whether a backend of `pool`'s database waits on a heavyweight lock in a
+/// statement containing `statement` (evidence that an interleaving a test
+/// sets up has happened).
+pub async fn waits_on_lock(pool: &PgPool, statement: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock' AND strpos(query, $1) > 0 AND pid <> pg_backend_pid())",
+    )
+    .bind(statement)
+    .fetch_one(pool)
+    .await
+    .expect("reading pg_stat_activity")
+}
+
 /// Rows waiting in the outbox.
 pub async fn outbox_depth(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM tidings_outbox")

@@ -398,18 +398,6 @@ async fn a_batch_of_duplicates_rewrites_no_stream_row_and_changes_no_read_model_
     task.await.unwrap().unwrap();
 }
 
-/// Whether a backend of `db` waits on a lock in an insert into the stream
-/// positions (the runner's claim of its batch's new streams).
-async fn a_claim_waits(db: &TestDb) -> bool {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
-         AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO tidings_projection_streams%')",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_created_by_another_transaction_while_a_batch_claims_it_is_planned_again_not_applied_twice()
  {
@@ -436,7 +424,9 @@ async fn a_stream_created_by_another_transaction_while_a_batch_claims_it_is_plan
     tidings_tests::wait_until(
         "the runner's claim of G-1 waiting on the other transaction",
         Duration::from_secs(30),
-        async || a_claim_waits(&db).await,
+        async || {
+            tidings_tests::waits_on_lock(&db.pool, "INSERT INTO tidings_projection_streams").await
+        },
     )
     .await;
     let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM gauge_view")

@@ -659,15 +659,7 @@ async fn an_append_whose_answer_is_lost_is_reported_as_possibly_committed() {
     tidings_tests::wait_until(
         "the append waiting on the other transaction",
         Duration::from_secs(30),
-        async || {
-            sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO tidings_events%')",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .unwrap()
-        },
+        async || tidings_tests::waits_on_lock(&db.pool, "INSERT INTO tidings_events").await,
     )
     .await;
     // The network drops the store's connection while the append is on
