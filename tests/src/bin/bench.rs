@@ -244,6 +244,19 @@ async fn append_tidings_with(
     Ok((commands / writers * writers) as f64 / started.elapsed().as_secs_f64())
 }
 
+/// A raw command's `per` rows after the stream's last sequence `seq`
+/// (advanced past them): event ids, sequences and payloads.
+fn raw_rows(seq: &mut i64, per: usize) -> (Vec<uuid::Uuid>, Vec<i64>, Vec<String>) {
+    let ids = (0..per).map(|_| uuid::Uuid::now_v7()).collect();
+    let seqs: Vec<i64> = (0..per as i64).map(|i| *seq + 1 + i).collect();
+    *seq += per as i64;
+    let payloads = seqs
+        .iter()
+        .map(|s| format!(r#"{{"n":{s},"note":"benchmark payload"}}"#))
+        .collect();
+    (ids, seqs, payloads)
+}
+
 /// The same rows with plain sqlx: per command, one transaction inserting the
 /// events and (with `outbox`) the outbox rows, set-based, as a careful
 /// hand-written outbox would; without `outbox`, what event stores without
@@ -263,12 +276,7 @@ async fn append_raw(
                 let mut next: BTreeMap<usize, i64> = BTreeMap::new();
                 for c in 0..commands / writers {
                     let id = format!("raw-w{w}-{}", c % 50);
-                    let seq = next.entry(c % 50).or_insert(0);
-                    let ids: Vec<uuid::Uuid> = (0..per).map(|_| uuid::Uuid::now_v7()).collect();
-                    let seqs: Vec<i64> = (0..per as i64).map(|i| *seq + 1 + i).collect();
-                    *seq += per as i64;
-                    let payloads: Vec<String> =
-                        seqs.iter().map(|s| format!(r#"{{"n":{s},"note":"benchmark payload"}}"#)).collect();
+                    let (ids, seqs, payloads) = raw_rows(next.entry(c % 50).or_insert(0), per);
                     let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
                     sqlx::query(
                         "INSERT INTO tidings_events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
@@ -326,12 +334,7 @@ async fn append_raw_one_statement(
                 let mut next: BTreeMap<usize, i64> = BTreeMap::new();
                 for c in 0..commands / writers {
                     let id = format!("raw1-w{w}-{}", c % 50);
-                    let seq = next.entry(c % 50).or_insert(0);
-                    let ids: Vec<uuid::Uuid> = (0..per).map(|_| uuid::Uuid::now_v7()).collect();
-                    let seqs: Vec<i64> = (0..per as i64).map(|i| *seq + 1 + i).collect();
-                    *seq += per as i64;
-                    let payloads: Vec<String> =
-                        seqs.iter().map(|s| format!(r#"{{"n":{s},"note":"benchmark payload"}}"#)).collect();
+                    let (ids, seqs, payloads) = raw_rows(next.entry(c % 50).or_insert(0), per);
                     sqlx::query(
                         "WITH t AS (SELECT * FROM UNNEST($2::uuid[], $3::bigint[], $4::text[]) AS t(e, s, p)), \
                          ev AS (INSERT INTO tidings_events (event_id, aggregate_type, aggregate_id, sequence, event_type, \
