@@ -168,23 +168,8 @@ impl RawEnvelope {
     /// deduplicate on `event_id` keep every part.
     pub fn read<E: Event>(self) -> Result<Reading<Envelope<E>>, DecodeError> {
         let (origin, payload) = self.take_payload();
-        Ok(
-            match E::read(&origin.event_type, origin.event_version, payload)? {
-                Reading::One(event) => Reading::One(origin.wrap(event)),
-                Reading::Split(events) => Reading::Split(
-                    events
-                        .into_iter()
-                        .enumerate()
-                        .map(|(part, event)| {
-                            let mut envelope = origin.clone().wrap(event);
-                            envelope.event_id = part_id(origin.event_id, part);
-                            envelope
-                        })
-                        .collect(),
-                ),
-                Reading::Retired => Reading::Retired,
-            },
-        )
+        let reading = E::read(&origin.event_type, origin.event_version, payload)?;
+        Ok(origin.wrap_reading(reading))
     }
 
     /// The envelope without its payload, and the payload.
@@ -266,7 +251,47 @@ impl<P> Envelope<P> {
     }
 }
 
+/// An envelope whose payload is kept as JSON text: what a consumer parses
+/// first, reading the payload straight into its event type
+/// ([`Event::read_json`]) without building a [`serde_json::Value`].
+pub(crate) type WireEnvelope = Envelope<Box<serde_json::value::RawValue>>;
+
+impl WireEnvelope {
+    /// Parses an envelope from JSON bytes, its payload left as text (checked
+    /// to be JSON); any malformation is a [`DecodeError::Envelope`].
+    pub(crate) fn from_wire(bytes: &[u8]) -> Result<Self, DecodeError> {
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Envelope(e.to_string()))
+    }
+
+    /// [`RawEnvelope::read`], reading the payload from its text.
+    pub(crate) fn read<E: Event>(self) -> Result<Reading<Envelope<E>>, DecodeError> {
+        let (origin, payload) = self.replace_payload(());
+        let reading = E::read_json(&origin.event_type, origin.event_version, &payload)?;
+        Ok(origin.wrap_reading(reading))
+    }
+}
+
 impl Envelope<()> {
+    /// This envelope around what its payload reads as: a split's parts keep
+    /// its sequence and context, each later one with a derived event id.
+    fn wrap_reading<E: Event>(self, reading: Reading<E>) -> Reading<Envelope<E>> {
+        match reading {
+            Reading::One(event) => Reading::One(self.wrap(event)),
+            Reading::Split(events) => Reading::Split(
+                events
+                    .into_iter()
+                    .enumerate()
+                    .map(|(part, event)| {
+                        let mut envelope = self.clone().wrap(event);
+                        envelope.event_id = part_id(self.event_id, part);
+                        envelope
+                    })
+                    .collect(),
+            ),
+            Reading::Retired => Reading::Retired,
+        }
+    }
+
     /// This envelope around `event`, with the event's current type and version.
     fn wrap<E: Event>(self, event: E) -> Envelope<E> {
         let event_type = event.event_type().to_owned();

@@ -147,6 +147,21 @@ pub trait Event: Sized + Send + Sync + 'static {
     ) -> Result<Reading<Self>, DecodeError> {
         Self::decode(event_type, event_version, payload).map(Reading::One)
     }
+
+    /// [`Event::read`] of a payload given as JSON text. The derive reads a
+    /// current version straight into its type, without building a
+    /// [`serde_json::Value`] first (what a projection runner does for every
+    /// message); older versions, splits and retired types go through
+    /// [`Event::read`]. Read straight, a payload that repeats a key is
+    /// refused, where a `Value` would have kept the last occurrence.
+    fn read_json(
+        event_type: &str,
+        event_version: u32,
+        payload: &serde_json::value::RawValue,
+    ) -> Result<Reading<Self>, DecodeError> {
+        let value = payload_from_str(event_type, event_version, payload)?;
+        Self::read(event_type, event_version, value)
+    }
 }
 
 /// What one stored or published event reads as today (see [`Event::read`]).
@@ -326,6 +341,21 @@ pub fn from_payload<T: DeserializeOwned>(
     payload: serde_json::Value,
 ) -> Result<T, DecodeError> {
     serde_json::from_value(payload).map_err(|source| DecodeError::Payload {
+        event_type: event_type.to_owned(),
+        version,
+        source,
+    })
+}
+
+/// Deserializes a payload given as JSON text (see [`Event::read_json`]),
+/// naming the type and version on failure.
+#[doc(hidden)]
+pub fn payload_from_str<T: DeserializeOwned>(
+    event_type: &str,
+    version: u32,
+    payload: &serde_json::value::RawValue,
+) -> Result<T, DecodeError> {
+    serde_json::from_str(payload.get()).map_err(|source| DecodeError::Payload {
         event_type: event_type.to_owned(),
         version,
         source,

@@ -89,7 +89,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// not depend on serde, serde_json or schemars themselves. Not public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::event::{from_payload, guarded, split, unknown, upcast};
+    pub use crate::event::{from_payload, guarded, payload_from_str, split, unknown, upcast};
     pub use schemars;
     pub use serde;
     pub use serde_json;

@@ -103,6 +103,27 @@ pub(crate) fn expand(input: &Input<'_>) -> TokenStream {
         let version = v.version;
         quote!(#pat => #version)
     });
+    // The current versions, read from the payload's text (a pair a split or
+    // a retirement also names is left to `read`).
+    let read_json_arms = input
+        .variants
+        .iter()
+        .filter(|v| {
+            !input
+                .splits
+                .iter()
+                .any(|s| s.name.value() == v.name && s.version == v.version)
+                && !input
+                    .retired
+                    .iter()
+                    .any(|r| r.name.value() == v.name && v.version <= r.version)
+        })
+        .map(|v| {
+            let name = &v.name;
+            let version = v.version;
+            let body = decode_current_with(v, quote!(::tidings::__private::payload_from_str));
+            quote!((#name, #version) => (#body).map(::tidings::Reading::One),)
+        });
     let encode_arms = input.variants.iter().map(encode_arm);
     let decode_arms = input.variants.iter().flat_map(decode_arms);
     let schemas = input.variants.iter().flat_map(schemas).chain(split_schemas);
@@ -156,6 +177,21 @@ pub(crate) fn expand(input: &Input<'_>) -> TokenStream {
                         #(#read_arms)*
                         _ => <Self as ::tidings::Event>::decode(event_type, event_version, payload)
                             .map(::tidings::Reading::One),
+                    }
+                }
+
+                fn read_json(
+                    event_type: &str,
+                    event_version: u32,
+                    payload: &::tidings::__private::serde_json::value::RawValue,
+                ) -> ::core::result::Result<::tidings::Reading<Self>, ::tidings::DecodeError> {
+                    match (event_type, event_version) {
+                        #(#read_json_arms)*
+                        _ => <Self as ::tidings::Event>::read(
+                            event_type,
+                            event_version,
+                            ::tidings::__private::payload_from_str(event_type, event_version, payload)?,
+                        ),
                     }
                 }
 
@@ -237,6 +273,12 @@ fn encode_arm(v: &Variant<'_>) -> TokenStream {
 
 /// Decoding of the current version: deserialize the payload into the variant.
 fn decode_current(v: &Variant<'_>) -> TokenStream {
+    decode_current_with(v, quote!(::tidings::__private::from_payload))
+}
+
+/// [`decode_current`] with `helper` turning `payload` into the variant's
+/// payload type (`from_payload` for a `Value`, `payload_from_str` for text).
+fn decode_current_with(v: &Variant<'_>, helper: TokenStream) -> TokenStream {
     let ident = v.ident;
     let name = &v.name;
     let version = v.version;
@@ -245,16 +287,16 @@ fn decode_current(v: &Variant<'_>) -> TokenStream {
             let owned_ty = owned_type(v);
             let names: Vec<_> = fields.iter().map(|f| f.ident).collect();
             quote! {{
-                let p: #owned_ty = ::tidings::__private::from_payload(#name, #version, payload)?;
+                let p: #owned_ty = #helper(#name, #version, payload)?;
                 ::core::result::Result::Ok(Self::#ident { #(#names: p.#names),* })
             }}
         }
         Payload::Newtype(ty) => quote! {{
-            let p: #ty = ::tidings::__private::from_payload(#name, #version, payload)?;
+            let p: #ty = #helper(#name, #version, payload)?;
             ::core::result::Result::Ok(Self::#ident(p))
         }},
         Payload::Unit => quote! {{
-            ::tidings::__private::from_payload::<::tidings::__private::Empty>(#name, #version, payload)?;
+            #helper::<::tidings::__private::Empty>(#name, #version, payload)?;
             ::core::result::Result::Ok(Self::#ident)
         }},
     }

@@ -18,15 +18,20 @@
 //!   the positions and the checkpoint, and `COMMIT`; parked events and
 //!   events skipped unread add a statement each when there are any. A
 //!   batch whose messages are all below the checkpoint writes nothing; a
-//!   stream's row is written once per batch (a new stream's row is created
-//!   at 0 when first locked, then positioned).
+//!   stream's row is written once per batch, a new stream's at its planned
+//!   position.
+//! - **A new stream is not looked up.** A stream whose first message in the
+//!   batch is its first event is taken to be new and its row inserted
+//!   without a lookup; if the row exists (a republished first event, a
+//!   stream another transaction is creating), the insert fails before the
+//!   projection is called and the batch is planned again with every
+//!   stream's position read. Nothing is decided on the guess.
 
 use std::collections::{HashMap, HashSet};
 
 use sqlx::PgConnection;
 
 use crate::error::Error;
-use crate::projection::dead_letters::encode_headers;
 use crate::projection::plan::{
     Action, Decoded, Message, PARKED_BEHIND, Planned, Stream, clean, decode_all, plan, positions,
 };
@@ -60,6 +65,10 @@ pub(crate) enum Failure {
     Locate(String),
     /// This instance's generation was replaced by a replay: stop.
     Stale,
+    /// A stream taken to be new has a row (made earlier, or by another
+    /// transaction meanwhile): plan the batch again at once, reading every
+    /// stream's position.
+    Claimed(String),
 }
 
 impl From<Error> for Failure {
@@ -70,11 +79,19 @@ impl From<Error> for Failure {
 
 /// In one round trip: locks the projection's generation (shared) and the
 /// partition's checkpoint, returning its next offset, and only when this
-/// instance's generation is current; then locks the streams that have a
-/// message at or past the checkpoint and reads their last sequences (none
-/// for a new stream, whose row [`CLAIM`] creates) and whether they are
-/// parked. No row: the generation was replaced. One row with no stream:
-/// every message is below the checkpoint.
+/// instance's generation is current; then, of the streams that have a
+/// message at or past the checkpoint, locks those marked to be read and
+/// reads their last sequences (none for a new stream, whose row [`CLAIM`]
+/// creates), and tells for every one whether it is parked. No row: the
+/// generation was replaced. One row with no stream: every message is
+/// below the checkpoint.
+///
+/// A stream not marked to be read is taken to be new: the batch's first
+/// message of it is its first event. [`CLAIM`] creates its row with a plain
+/// `INSERT`, which fails if the row exists (made earlier, or by another
+/// transaction meanwhile); nothing else is written before that, and the
+/// batch is then planned again with every stream read. So a new stream
+/// costs one index insertion, not a probe and a speculative insertion.
 ///
 /// The batch first takes the projection's advisory lock in shared mode: a
 /// replay takes it exclusively, and a heavyweight lock's queue is first come,
@@ -106,12 +123,13 @@ const BEGIN_BATCH: &str = "WITH a AS ( \
     RETURNING next_offset), \
     c AS (SELECT next_offset FROM held UNION ALL SELECT next_offset FROM made), \
     wanted AS ( \
-    SELECT u.t, u.i, u.n FROM UNNEST($5::text[], $6::text[], $7::bigint[]) WITH ORDINALITY AS u(t, i, o, n) \
+    SELECT u.t, u.i, u.r, u.n FROM UNNEST($5::text[], $6::text[], $7::bigint[], $8::bool[]) \
+    WITH ORDINALITY AS u(t, i, o, r, n) \
     WHERE u.o >= (SELECT next_offset FROM c)), \
     locked AS ( \
     SELECT w.t, w.i, w.n, s.last_sequence FROM wanted w LEFT JOIN LATERAL ( \
     SELECT s.last_sequence FROM tidings_projection_streams s \
-    WHERE s.projection = $1 AND s.aggregate_type = w.t AND s.aggregate_id = w.i FOR UPDATE) s ON true), \
+    WHERE w.r AND s.projection = $1 AND s.aggregate_type = w.t AND s.aggregate_id = w.i FOR UPDATE) s ON true), \
     any_parked AS (SELECT EXISTS (SELECT 1 FROM tidings_parked p WHERE p.projection = $1) AS yes) \
     SELECT c.next_offset, s.t, s.i, s.last_sequence, (SELECT yes FROM any_parked) AND coalesce(( \
     SELECT true FROM tidings_parked p WHERE p.projection = $1 \
@@ -119,16 +137,16 @@ const BEGIN_BATCH: &str = "WITH a AS ( \
     FROM c LEFT JOIN locked s ON true ORDER BY s.n";
 
 /// After planning, before the projection runs: creates the rows of the
-/// batch's new streams at their planned positions (`DO NOTHING`: a row
-/// another transaction created meanwhile is a conflict the caller sees in
-/// the count returned, and retries), moves the existing streams to theirs
-/// and advances the checkpoint, in one round trip. Each stream row is
-/// written once per batch, and every new stream is locked (by its insert)
-/// before the projection writes anything.
+/// batch's new streams at their planned positions (a plain `INSERT`: a row
+/// that exists, made before or by another transaction meanwhile, fails the
+/// statement with a unique violation, and the caller plans the batch again
+/// reading every stream), moves the existing streams to theirs and
+/// advances the checkpoint, in one round trip. Each stream row is written
+/// once per batch, and every new stream is locked (by its insert) before
+/// the projection writes anything.
 const CLAIM: &str = "WITH created AS ( \
     INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
-    SELECT $1, t, i, seq FROM UNNEST($5::text[], $6::text[], $7::bigint[]) AS u(t, i, seq) \
-    ON CONFLICT (projection, aggregate_type, aggregate_id) DO NOTHING RETURNING 1), \
+    SELECT $1, t, i, seq FROM UNNEST($5::text[], $6::text[], $7::bigint[]) AS u(t, i, seq)), \
     moved AS ( \
     INSERT INTO tidings_projection_streams (projection, aggregate_type, aggregate_id, last_sequence) \
     SELECT $1, t, i, seq FROM UNNEST($8::text[], $9::text[], $10::bigint[]) AS u(t, i, seq) \
@@ -136,7 +154,7 @@ const CLAIM: &str = "WITH created AS ( \
     checkpoint AS ( \
     UPDATE tidings_checkpoints SET next_offset = $4, updated_at = now() \
     WHERE projection = $1 AND topic = $2 AND partition = $3) \
-    SELECT count(*) FROM created";
+    SELECT 1";
 
 /// Which of the given streams have parked events (read after the batch's
 /// locks are granted).
@@ -178,10 +196,19 @@ const COUNT_IGNORED: &str = "INSERT INTO tidings_projection_ignored AS i (projec
     ON CONFLICT (projection, event_type, event_version, reason) \
     DO UPDATE SET events = i.events + EXCLUDED.events, last_at = now()";
 
+/// How a batch is applied.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Mode {
+    /// One event at a time, each in a savepoint (after the projection
+    /// refused this batch without naming the event, or more than once).
+    pub(crate) careful: bool,
+    /// Every stream's position read, none taken to be new (after a stream
+    /// taken to be new was found to have a row).
+    pub(crate) read_all: bool,
+}
+
 /// Applies `messages` (one partition, in offset order) in one transaction
-/// on `conn`. `careful`: one event at a time, each in a savepoint (after
-/// the projection refused this batch without naming the event, or more
-/// than once).
+/// on `conn`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn apply_messages<P: Projection>(
     conn: &mut PgConnection,
@@ -189,7 +216,7 @@ pub(crate) async fn apply_messages<P: Projection>(
     generation: i32,
     messages: &[Message],
     poison: &HashMap<i64, String>,
-    careful: bool,
+    mode: Mode,
     policies: (UnknownTypes, NewerVersions),
 ) -> Result<Outcome, Failure> {
     let Some(first) = messages.first() else {
@@ -202,16 +229,22 @@ pub(crate) async fn apply_messages<P: Projection>(
     // message is known by its offset.
     let decoded: Vec<(Stream, Decoded<P::Event>)> = decode_all(messages, poison, policies);
 
-    // Each stream once, in key order, with the last offset it has here.
-    let mut last_offset: HashMap<&Stream, i64> = HashMap::new();
-    for (message, (stream, _)) in messages.iter().zip(&decoded) {
-        last_offset.insert(stream, message.offset);
+    // Each stream once, in key order, with the last offset it has here and
+    // whether its position is read: one whose first message here is its
+    // first event is taken to be new (see BEGIN_BATCH).
+    let mut last_offset: HashMap<&Stream, (i64, bool)> = HashMap::new();
+    for (message, (stream, item)) in messages.iter().zip(&decoded) {
+        last_offset
+            .entry(stream)
+            .and_modify(|(offset, _)| *offset = message.offset)
+            .or_insert((message.offset, mode.read_all || item.sequence() != Some(1)));
     }
-    let mut keys: Vec<(&Stream, i64)> = last_offset.into_iter().collect();
+    let mut keys: Vec<(&Stream, (i64, bool))> = last_offset.into_iter().collect();
     keys.sort();
     let types: Vec<&str> = keys.iter().map(|(s, _)| s.0.as_str()).collect();
     let ids: Vec<&str> = keys.iter().map(|(s, _)| s.1.as_str()).collect();
-    let offsets: Vec<i64> = keys.iter().map(|(_, o)| *o).collect();
+    let offsets: Vec<i64> = keys.iter().map(|(_, (o, _))| *o).collect();
+    let read: Vec<bool> = keys.iter().map(|(_, (_, r))| *r).collect();
 
     let mut tx = sqlx::Connection::begin(&mut *conn)
         .await
@@ -224,6 +257,7 @@ pub(crate) async fn apply_messages<P: Projection>(
         .bind(&types)
         .bind(&ids)
         .bind(&offsets)
+        .bind(&read)
         .fetch_all(&mut *tx)
         .await
         .map_err(db("locking the checkpoint and the streams"))?;
@@ -300,7 +334,7 @@ pub(crate) async fn apply_messages<P: Projection>(
         partition = first.partition,
         events = tracing::field::Empty,
     );
-    if careful {
+    if mode.careful {
         apply_one_by_one(projection, &mut tx, &mut planned, &span).await?;
     } else {
         // The batch's events, each with the planned message it came from
@@ -366,7 +400,7 @@ pub(crate) async fn apply_messages<P: Projection>(
             .await
             .map_err(db("counting the events skipped unread"))?;
     }
-    if careful {
+    if mode.careful {
         // Refusals found one at a time leave their streams short of the
         // positions claimed: those are saved again.
         let (mut types, mut ids, mut sequences) = (Vec::new(), Vec::new(), Vec::new());
@@ -432,7 +466,7 @@ async fn claim(
     let types: Vec<&str> = moved.iter().map(|(s, _)| s.0.as_str()).collect();
     let ids: Vec<&str> = moved.iter().map(|(s, _)| s.1.as_str()).collect();
     let sequences: Vec<i64> = moved.iter().map(|(_, q)| *q).collect();
-    let created: i64 = sqlx::query_scalar(CLAIM)
+    let claimed = sqlx::query(CLAIM)
         .bind(name)
         .bind(&first.topic)
         .bind(first.partition)
@@ -443,16 +477,19 @@ async fn claim(
         .bind(&types)
         .bind(&ids)
         .bind(&sequences)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db("saving stream positions and the checkpoint"))?;
-    if created != new_types.len() as i64 {
-        return Err(Failure::Transient(format!(
-            "projection {name}: {} of the batch's new streams were created meanwhile by another transaction; the batch is planned again",
-            new_types.len() as i64 - created
-        )));
+        .execute(&mut *tx)
+        .await;
+    match claimed {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e))
+            if e.is_unique_violation() && e.table() == Some("tidings_projection_streams") =>
+        {
+            Err(Failure::Claimed(format!(
+                "projection {name}: a stream taken to be new has a position already ({e}); the batch is planned again reading every stream"
+            )))
+        }
+        Err(e) => Err(db("saving stream positions and the checkpoint")(e).into()),
     }
-    Ok(())
 }
 
 /// Careful mode: each event to apply as a batch of one in a savepoint; a
@@ -562,7 +599,7 @@ async fn park<E>(
             .push(serde_json::to_string(&m.readable_headers()).unwrap_or_else(|_| "{}".to_owned()));
         rows.values.push(m.value.as_deref());
         rows.raw_keys.push(m.key.as_deref());
-        rows.raw_headers.push(encode_headers(&m.headers));
+        rows.raw_headers.push(&m.headers);
     }
     if rows.types.is_empty() {
         return Ok(());
@@ -600,7 +637,7 @@ struct ParkRows<'m> {
     headers: Vec<String>,
     values: Vec<Option<&'m [u8]>>,
     raw_keys: Vec<Option<&'m [u8]>>,
-    raw_headers: Vec<Vec<u8>>,
+    raw_headers: Vec<&'m [u8]>,
 }
 
 /// How the projection's code refused a batch.

@@ -49,7 +49,9 @@ pub(crate) type RawHeaders = Vec<(String, Option<Vec<u8>>)>;
 /// Encodes headers for `tidings_parked.raw_headers`: per header, the key's
 /// length (u32, big endian) and bytes, then the value's length (i32, -1 for
 /// none) and bytes.
-pub(crate) fn encode_headers(headers: &RawHeaders) -> Vec<u8> {
+pub(crate) fn encode_headers<'h>(
+    headers: impl IntoIterator<Item = (&'h str, Option<&'h [u8]>)>,
+) -> Vec<u8> {
     let mut out = Vec::new();
     for (key, value) in headers {
         out.extend_from_slice(&(key.len() as u32).to_be_bytes());

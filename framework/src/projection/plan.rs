@@ -13,9 +13,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::envelope::{Envelope, HEADER_AGGREGATE_TYPE, RawEnvelope};
+use crate::envelope::{Envelope, HEADER_AGGREGATE_TYPE, WireEnvelope};
 use crate::event::{Event, Reading};
-use crate::projection::dead_letters::RawHeaders;
+use crate::projection::dead_letters::{RawHeaders, decode_headers};
 use crate::projection::evolution::{NEWER_VERSION, RETIRED, UNKNOWN_TYPE};
 use crate::projection::{NewerVersions, UnknownTypes, panic_message};
 
@@ -27,13 +27,20 @@ pub(crate) struct Message {
     pub(crate) offset: i64,
     pub(crate) key: Option<Vec<u8>>,
     pub(crate) value: Option<Vec<u8>>,
-    pub(crate) headers: RawHeaders,
+    /// The headers, exactly, as [`encode_headers`](super::dead_letters::encode_headers)
+    /// writes them: one buffer per message, read only for what is parked.
+    pub(crate) headers: Vec<u8>,
 }
 
 impl Message {
+    /// The headers, one by one.
+    fn headers(&self) -> RawHeaders {
+        decode_headers(&self.headers).unwrap_or_default()
+    }
+
     /// The last value of header `key`, as text.
     fn header(&self, key: &str) -> Option<String> {
-        self.headers
+        self.headers()
             .iter()
             .rev()
             .find(|(k, _)| k == key)
@@ -43,7 +50,7 @@ impl Message {
     /// The headers as readable text (`tidings_parked.headers`): lossy UTF-8,
     /// the last value of a repeated key; the exact ones are kept beside.
     pub(super) fn readable_headers(&self) -> BTreeMap<String, String> {
-        self.headers
+        self.headers()
             .iter()
             .map(|(k, v)| {
                 (
@@ -68,6 +75,19 @@ pub(super) enum Decoded<E> {
     Ignored(i64, String, i32, &'static str),
     /// Why it cannot be applied, and its sequence when the envelope was readable.
     Poison(String, Option<i64>),
+}
+
+impl<E> Decoded<E> {
+    /// Its sequence in its stream, when its envelope was readable (a
+    /// split's parts share their stored event's).
+    pub(super) fn sequence(&self) -> Option<i64> {
+        match self {
+            Decoded::Event(e) => Some(e.sequence as i64),
+            Decoded::Split(parts) => parts.first().map(|e| e.sequence as i64),
+            Decoded::Ignored(sequence, ..) => Some(*sequence),
+            Decoded::Poison(_, sequence) => *sequence,
+        }
+    }
 }
 
 /// The stream a message that is not an envelope is parked under.
@@ -110,7 +130,7 @@ pub(super) fn clean(text: &str) -> String {
 }
 
 /// Why an envelope's identity cannot be applied, if it cannot.
-fn oversized(raw: &RawEnvelope) -> Option<String> {
+fn oversized<P>(raw: &Envelope<P>) -> Option<String> {
     [
         ("aggregate type", &raw.aggregate_type),
         ("aggregate id", &raw.aggregate_id),
@@ -136,7 +156,7 @@ pub(super) fn decode_all<E: Event>(
         .iter()
         .map(|m| {
             let raw = match m.value.as_deref() {
-                Some(bytes) => RawEnvelope::from_slice(bytes),
+                Some(bytes) => WireEnvelope::from_wire(bytes),
                 None => Err(crate::DecodeError::Envelope("empty message".into())),
             };
             match raw {
@@ -272,12 +292,7 @@ pub(super) fn plan<'m, E>(
     fresh
         .iter()
         .map(|&(message, (stream, item))| {
-            let sequence = match item {
-                Decoded::Event(e) => Some(e.sequence as i64),
-                Decoded::Split(parts) => parts.first().map(|e| e.sequence as i64),
-                Decoded::Ignored(sequence, ..) => Some(*sequence),
-                Decoded::Poison(_, sequence) => *sequence,
-            };
+            let sequence = item.sequence();
             let last = position
                 .get(stream)
                 .copied()

@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::kafka::{KafkaConfig, TopicSpec, ensure_topics};
-use crate::projection::apply::{Failure, apply_messages};
-use crate::projection::dead_letters::Sender;
+use crate::projection::apply::{Failure, Mode, apply_messages};
+use crate::projection::dead_letters::{Sender, encode_headers};
 use crate::projection::plan::Message;
 use crate::projection::{Projection, status, validate_projection_name};
 
@@ -581,11 +581,7 @@ impl<P: Projection> Runner<P> {
                             value: message.payload().map(<[u8]>::to_vec),
                             headers: message
                                 .headers()
-                                .map(|h| {
-                                    h.iter()
-                                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                                        .collect()
-                                })
+                                .map(|h| encode_headers(h.iter().map(|h| (h.key, h.value))))
                                 .unwrap_or_default(),
                         };
                         let worker = workers.entry(key.clone()).or_insert_with(|| {
@@ -942,7 +938,7 @@ async fn partition_worker<P: Projection>(
         // or a second time, the batch is applied again with a savepoint per
         // event: refusals are then set aside in the same pass, so a batch
         // costs a bounded number of passes whatever its number of refusals.
-        let mut careful = false;
+        let mut mode = Mode::default();
         loop {
             for message in &batch {
                 let size = message.value.as_ref().map_or(0, Vec::len);
@@ -986,7 +982,7 @@ async fn partition_worker<P: Projection>(
                 generation,
                 &batch,
                 &poison,
-                careful,
+                mode,
                 (config.unknown_types, config.newer_versions),
             ));
             let applied = tokio::time::timeout(
@@ -1014,7 +1010,9 @@ async fn partition_worker<P: Projection>(
                 {
                     held = Some(conn);
                 }
-                Ok(_) | Err(Failure::Poison { .. } | Failure::Locate(_)) => drop(conn),
+                Ok(_) | Err(Failure::Poison { .. } | Failure::Locate(_) | Failure::Claimed(_)) => {
+                    drop(conn)
+                }
                 // Its state is unknown (abandoned mid-statement, say):
                 // closed rather than handed back.
                 Err(_) => {
@@ -1062,7 +1060,7 @@ async fn partition_worker<P: Projection>(
                     );
                     // The first refusal naming its event: planned again
                     // without it, still as one batch; a second: one by one.
-                    careful = !poison.is_empty();
+                    mode.careful = !poison.is_empty();
                     poison.insert(offset, reason);
                 }
                 Err(Failure::Locate(reason)) => {
@@ -1073,9 +1071,19 @@ async fn partition_worker<P: Projection>(
                         reason,
                         "projection: the batch was refused without naming the event; applying it one event at a time"
                     );
-                    careful = true;
+                    mode.careful = true;
                 }
-                Err(Failure::Transient(error)) => {
+                // Once at once; a second time in a row is a conflict with
+                // another transaction still going on, retried after a backoff.
+                Err(Failure::Claimed(reason)) if !mode.read_all => {
+                    tracing::debug!(
+                        projection = name,
+                        reason,
+                        "projection: planning the batch again"
+                    );
+                    mode.read_all = true;
+                }
+                Err(Failure::Transient(error) | Failure::Claimed(error)) => {
                     failures += 1;
                     stats.retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
