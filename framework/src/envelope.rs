@@ -254,8 +254,10 @@ impl<P> Envelope<P> {
 /// An envelope whose payload is kept as JSON text: what a consumer parses
 /// first, reading the payload straight into its event type
 /// ([`Event::read_json`]) without building a [`serde_json::Value`].
+#[cfg(feature = "kafka")]
 pub(crate) type WireEnvelope = Envelope<Box<serde_json::value::RawValue>>;
 
+#[cfg(feature = "kafka")]
 impl WireEnvelope {
     /// Parses an envelope from JSON bytes, its payload left as text (checked
     /// to be JSON); any malformation is a [`DecodeError::Envelope`].

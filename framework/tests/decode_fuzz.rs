@@ -82,6 +82,24 @@ proptest! {
         }
     }
 
+    /// What a runner reads from a payload's text equals what `read` makes
+    /// of the parsed payload, for any payload, type and version.
+    #[test]
+    fn reading_from_text_agrees_with_reading_from_the_value(
+        payload in json_value(),
+        event_type in prop_oneof![Just("OrderCreated".to_owned()), Just("Cancelled".to_owned()), ".{0,12}"],
+        version in 0u32..6,
+    ) {
+        let text = serde_json::value::RawValue::from_string(payload.to_string()).unwrap();
+        let from_text = OrderEvent::read_json(&event_type, version, &text);
+        let from_value = OrderEvent::read(&event_type, version, payload);
+        match (from_text, from_value) {
+            (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+            (Err(_), Err(_)) => {}
+            (a, b) => prop_assert!(false, "{:?} / {:?}", a, b),
+        }
+    }
+
     #[test]
     fn envelopes_with_arbitrary_fields_parse_or_fail_cleanly(payload in json_value(), sequence in any::<i64>(), id in ".{0,16}") {
         let text = json!({

@@ -501,3 +501,65 @@ fn retired_types_read_as_nothing_and_split_ones_as_their_parts_in_order() {
             .any(|s| s.event_type == "Checked" && s.version == 1)
     );
 }
+
+/// `read_json` (what a projection runner calls on a message's payload text)
+/// reads what `read` reads from the parsed payload: current versions straight
+/// into the type, retired, split and upcast ones through `read`.
+#[test]
+fn reading_a_payload_from_its_text_reads_what_reading_its_value_does() {
+    use retired_and_split::ShopEvent;
+    use serde_json::value::RawValue;
+
+    let cases = [
+        ("Added", 1, json!({"sku": "a"})),
+        ("Wrapped", 1, json!({"note": "x"})),
+        ("Wrapped", 2, json!({})),
+        ("Wrapped", 3, json!({})),
+        ("Checked", 1, json!({"total": 5, "by": "card"})),
+        ("Bundled", 1, json!({"skus": ["a", "b", "c"]})),
+        ("Added", 1, json!({"sku": 7})),
+        ("Nope", 1, json!({})),
+    ];
+    for (event_type, version, payload) in cases {
+        let text = RawValue::from_string(payload.to_string()).unwrap();
+        let from_text = ShopEvent::read_json(event_type, version, &text);
+        let from_value = ShopEvent::read(event_type, version, payload);
+        match (&from_text, &from_value) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{event_type} v{version}"),
+            (Err(a), Err(b)) => assert_eq!(
+                std::mem::discriminant(a),
+                std::mem::discriminant(b),
+                "{event_type} v{version}: {a} / {b}"
+            ),
+            _ => panic!("{event_type} v{version}: {from_text:?} / {from_value:?}"),
+        }
+    }
+
+    // Upcast versions go through the upcasters; the current one is read straight.
+    let v1 =
+        RawValue::from_string(r#"{"order_id": "ORD-7", "amount_cents": 1250}"#.to_owned()).unwrap();
+    let expected = OrderEvent::OrderCreated {
+        order_id: "ORD-7".into(),
+        amount: 12.5,
+        currency: "EUR".into(),
+        note: None,
+    };
+    assert_eq!(
+        OrderEvent::read_json("OrderPlaced", 1, &v1).unwrap(),
+        tidings::Reading::One(expected.clone())
+    );
+    let current = RawValue::from_string(expected.to_payload().unwrap().to_string()).unwrap();
+    assert_eq!(
+        OrderEvent::read_json("OrderCreated", 3, &current).unwrap(),
+        tidings::Reading::One(expected)
+    );
+
+    // Read straight, a repeated key is refused, naming the type and version.
+    let repeated = RawValue::from_string(r#"{"sku": "a", "sku": "b"}"#.to_owned()).unwrap();
+    let error = ShopEvent::read_json("Added", 1, &repeated).unwrap_err();
+    assert!(
+        matches!(error, DecodeError::Payload { version: 1, .. })
+            && error.to_string().contains("duplicate field"),
+        "{error}"
+    );
+}
