@@ -82,9 +82,11 @@ impl From<Error> for Failure {
 /// instance's generation is current; then, of the streams that have a
 /// message at or past the checkpoint, locks those marked to be read and
 /// reads their last sequences (none for a new stream, whose row [`CLAIM`]
-/// creates), and tells for every one whether it is parked. No row: the
-/// generation was replaced. One row with no stream: every message is
-/// below the checkpoint.
+/// creates), and tells which of them all are parked. It returns the streams
+/// read and the parked ones (others past the checkpoint are new, and the
+/// caller knows them). No row: the generation was replaced. One row with
+/// no stream: no stream to report (every message below the checkpoint, or
+/// every stream taken to be new and none parked).
 ///
 /// A stream not marked to be read is taken to be new: the batch's first
 /// message of it is its first event. [`CLAIM`] creates its row with a plain
@@ -127,14 +129,16 @@ const BEGIN_BATCH: &str = "WITH a AS ( \
     WITH ORDINALITY AS u(t, i, o, r, n) \
     WHERE u.o >= (SELECT next_offset FROM c)), \
     locked AS ( \
-    SELECT w.t, w.i, w.n, s.last_sequence FROM wanted w LEFT JOIN LATERAL ( \
+    SELECT w.t, w.i, w.n, w.r, s.last_sequence FROM wanted w LEFT JOIN LATERAL ( \
     SELECT s.last_sequence FROM tidings_projection_streams s \
     WHERE w.r AND s.projection = $1 AND s.aggregate_type = w.t AND s.aggregate_id = w.i FOR UPDATE) s ON true), \
-    any_parked AS (SELECT EXISTS (SELECT 1 FROM tidings_parked p WHERE p.projection = $1) AS yes) \
-    SELECT c.next_offset, s.t, s.i, s.last_sequence, (SELECT yes FROM any_parked) AND coalesce(( \
+    any_parked AS (SELECT EXISTS (SELECT 1 FROM tidings_parked p WHERE p.projection = $1) AS yes), \
+    marked AS ( \
+    SELECT l.t, l.i, l.n, l.r, l.last_sequence, (SELECT yes FROM any_parked) AND coalesce(( \
     SELECT true FROM tidings_parked p WHERE p.projection = $1 \
-    AND p.aggregate_type = s.t AND p.aggregate_id = s.i LIMIT 1), false) \
-    FROM c LEFT JOIN locked s ON true ORDER BY s.n";
+    AND p.aggregate_type = l.t AND p.aggregate_id = l.i LIMIT 1), false) AS parked FROM locked l) \
+    SELECT c.next_offset, m.t, m.i, m.last_sequence, coalesce(m.parked, false) \
+    FROM c LEFT JOIN marked m ON m.r OR m.parked ORDER BY m.n";
 
 /// After planning, before the projection runs: creates the rows of the
 /// batch's new streams at their planned positions (a plain `INSERT`: a row
@@ -265,8 +269,6 @@ pub(crate) async fn apply_messages<P: Projection>(
         return Err(Failure::Stale);
     };
     let mut last_sequence: HashMap<Stream, i64> = HashMap::with_capacity(rows.len());
-    // New streams, in key order (the order their rows are created in).
-    let mut new_streams: Vec<Stream> = Vec::new();
     let mut blocked: HashSet<Stream> = HashSet::new();
     for (_, kind, id, sequence, parked) in rows {
         let (Some(kind), Some(id)) = (kind, id) else {
@@ -276,13 +278,19 @@ pub(crate) async fn apply_messages<P: Projection>(
         if parked {
             blocked.insert(stream.clone());
         }
-        match sequence {
-            Some(sequence) => {
-                last_sequence.insert(stream, sequence);
-            }
-            None => new_streams.push(stream),
+        if let Some(sequence) = sequence {
+            last_sequence.insert(stream, sequence);
         }
     }
+    // The new streams (a message past the checkpoint, no position), in key
+    // order: the order their rows are created in.
+    let new_streams: Vec<&Stream> = keys
+        .iter()
+        .filter(|(stream, (offset, _))| {
+            *offset >= next_offset && !last_sequence.contains_key(*stream)
+        })
+        .map(|(stream, _)| *stream)
+        .collect();
     if !blocked.is_empty() {
         // BEGIN_BATCH's snapshot predates its lock waits: a re-drive that
         // committed meanwhile is not in it. Ask again, in a statement of
@@ -446,7 +454,7 @@ async fn claim(
     name: &str,
     first: &Message,
     new_next: i64,
-    new_streams: &[Stream],
+    new_streams: &[&Stream],
     last_sequence: &HashMap<Stream, i64>,
     planned: &HashMap<&Stream, i64>,
 ) -> Result<(), Failure> {
