@@ -27,13 +27,14 @@
 //!   projection is called and the batch is planned again with every
 //!   stream's position read. Nothing is decided on the guess.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use sqlx::PgConnection;
 
 use crate::error::Error;
 use crate::projection::plan::{
-    Action, Decoded, Message, PARKED_BEHIND, Planned, Stream, clean, decode_all, plan, positions,
+    Action, Decoded, Map, Message, PARKED_BEHIND, Planned, Set, Stream, clean, decode_all, plan,
+    positions,
 };
 use crate::projection::{
     Batch, BatchError, NewerVersions, Projection, UnknownTypes, panic_message,
@@ -236,7 +237,7 @@ pub(crate) async fn apply_messages<P: Projection>(
     // Each stream once, in key order, with the last offset it has here and
     // whether its position is read: one whose first message here is its
     // first event is taken to be new (see BEGIN_BATCH).
-    let mut last_offset: HashMap<&Stream, (i64, bool)> = HashMap::new();
+    let mut last_offset: Map<&Stream, (i64, bool)> = Map::default();
     for (message, (stream, item)) in messages.iter().zip(&decoded) {
         last_offset
             .entry(stream)
@@ -268,8 +269,9 @@ pub(crate) async fn apply_messages<P: Projection>(
     let Some(&(next_offset, ..)) = rows.first() else {
         return Err(Failure::Stale);
     };
-    let mut last_sequence: HashMap<Stream, i64> = HashMap::with_capacity(rows.len());
-    let mut blocked: HashSet<Stream> = HashSet::new();
+    let mut last_sequence: Map<Stream, i64> =
+        Map::with_capacity_and_hasher(rows.len(), Default::default());
+    let mut blocked: Set<Stream> = Set::default();
     for (_, kind, id, sequence, parked) in rows {
         let (Some(kind), Some(id)) = (kind, id) else {
             continue;
@@ -455,8 +457,8 @@ async fn claim(
     first: &Message,
     new_next: i64,
     new_streams: &[&Stream],
-    last_sequence: &HashMap<Stream, i64>,
-    planned: &HashMap<&Stream, i64>,
+    last_sequence: &Map<Stream, i64>,
+    planned: &Map<&Stream, i64>,
 ) -> Result<(), Failure> {
     let db = |what: &str| Error::db(format!("projection {name}: {what}"));
     let (mut new_types, mut new_ids, mut new_sequences) = (Vec::new(), Vec::new(), Vec::new());
@@ -511,7 +513,7 @@ async fn apply_one_by_one<P: Projection>(
 ) -> Result<(), Failure> {
     let name = projection.name();
     let db = |what: &str| Error::db(format!("projection {name}: {what}"));
-    let mut refused: HashSet<&Stream> = HashSet::new();
+    let mut refused: Set<&Stream> = Set::default();
     for p in planned.iter_mut() {
         if refused.contains(p.stream) {
             p.action = Action::Park {

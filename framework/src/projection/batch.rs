@@ -84,7 +84,8 @@ impl<'a, E> Batch<'a, E> {
     /// The events grouped by stream, streams in the order of their first
     /// event, each stream's events in sequence order.
     pub fn by_stream(&self) -> Vec<StreamEvents<'a, E>> {
-        let mut index: HashMap<(&'a str, &'a str), usize> = HashMap::new();
+        let mut index: HashMap<(&'a str, &'a str), usize, foldhash::fast::RandomState> =
+            HashMap::default();
         let mut streams: Vec<StreamEvents<'a, E>> = Vec::new();
         for (i, envelope) in self.events.iter().copied().enumerate() {
             let key = (

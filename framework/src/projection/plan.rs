@@ -65,6 +65,14 @@ impl Message {
 /// A stream: its aggregate type and id, as the runner keys them.
 pub(super) type Stream = (String, String);
 
+/// A map keyed by streams (or offsets): foldhash, where SipHash showed in
+/// the runner's profile; still seeded per process, since the keys come
+/// from the topic.
+pub(super) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A set of streams (see [`Map`]).
+pub(super) type Set<K> = HashSet<K, foldhash::fast::RandomState>;
+
 /// A message, decoded.
 pub(super) enum Decoded<E> {
     /// An event to apply.
@@ -277,10 +285,10 @@ pub(super) const PARKED_BEHIND: &str = "parked behind an earlier dead-lettered e
 /// that a dead letter of this batch blocks are added to `blocked`.
 pub(super) fn plan<'m, E>(
     fresh: &[(&'m Message, &'m (Stream, Decoded<E>))],
-    last_sequence: &HashMap<Stream, i64>,
-    blocked: &mut HashSet<Stream>,
+    last_sequence: &Map<Stream, i64>,
+    blocked: &mut Set<Stream>,
 ) -> Vec<Planned<'m, E>> {
-    let mut position: HashMap<&Stream, i64> = HashMap::new();
+    let mut position: Map<&Stream, i64> = Map::default();
     let gap = |last: i64, stream: &Stream, sequence: i64| {
         format!(
             "sequence gap: expected {} of {}/{}, got {sequence}",
@@ -357,10 +365,8 @@ pub(super) type Ignored<'m> = BTreeMap<(&'m str, i32, &'static str), i64>;
 
 /// What a batch's plan adds up to, once carried out: the positions to
 /// save, the events skipped unread per type, version and reason.
-pub(super) fn positions<'m, E>(
-    planned: &[Planned<'m, E>],
-) -> (HashMap<&'m Stream, i64>, Ignored<'m>) {
-    let mut positions = HashMap::new();
+pub(super) fn positions<'m, E>(planned: &[Planned<'m, E>]) -> (Map<&'m Stream, i64>, Ignored<'m>) {
+    let mut positions = Map::default();
     let mut ignored = BTreeMap::new();
     for p in planned {
         match &p.action {

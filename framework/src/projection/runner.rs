@@ -748,12 +748,17 @@ fn flush(consumer: &StreamConsumer<RunnerContext>, key: &Key, worker: &mut Worke
             }
         }
     }
-    let mut list = TopicPartitionList::new();
-    list.add_partition(&key.0, key.1);
+    // The partition list only when pausing or resuming: building one per
+    // message costs librdkafka allocations for nothing.
+    let partition = || {
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&key.0, key.1);
+        list
+    };
     if !worker.pending.is_empty() && !worker.paused {
-        worker.paused = consumer.pause(&list).is_ok();
+        worker.paused = consumer.pause(&partition()).is_ok();
     } else if worker.pending.is_empty() && worker.paused {
-        worker.paused = consumer.resume(&list).is_err();
+        worker.paused = consumer.resume(&partition()).is_err();
     }
 }
 
