@@ -756,6 +756,7 @@ async fn raw_replay(pool: &PgPool, topic: &str, n: usize) -> Result<f64, BoxErro
     // Timed from its first batch committed, as the runner's replay is: the
     // group join and the first fetch are in neither rate.
     let mut started: Option<(Instant, usize)> = None;
+    let subscribed = Instant::now();
     let mut done = 0;
     let mut batch = Vec::with_capacity(500);
     while done < n {
@@ -805,7 +806,11 @@ async fn raw_replay(pool: &PgPool, topic: &str, n: usize) -> Result<f64, BoxErro
         started.get_or_insert((Instant::now(), done));
     }
     let (started, first) = started.ok_or("no batch")?;
-    Ok((n - first).max(1) as f64 / started.elapsed().as_secs_f64())
+    if first >= n {
+        // One batch held it all (a tiny run): counted from the subscription.
+        return Ok(n as f64 / subscribed.elapsed().as_secs_f64());
+    }
+    Ok((n - first) as f64 / started.elapsed().as_secs_f64())
 }
 
 /// A consumer in a fresh group reading `topic` from its first message.
@@ -1086,7 +1091,12 @@ async fn main() -> Result<(), BoxError> {
             async || Ok(summary_applied(&pool).await? >= n),
         )
         .await?;
-        let ours = (n - first).max(1) as f64 / took.as_secs_f64();
+        // One batch held it all (a tiny run): counted from the spawn.
+        let ours = if first >= n {
+            n as f64 / (startup + took).as_secs_f64()
+        } else {
+            (n - first) as f64 / took.as_secs_f64()
+        };
         eprintln!(
             "replay: {ours:.0} vs raw consumer {raw_rate:.0} events/s ({} ms from the runner's start to its first batch; {:.0} events/s counting it)",
             startup.as_millis(),
