@@ -256,7 +256,7 @@ pub(crate) async fn apply_messages<P: Projection>(
         .map_err(db("beginning a batch"))?;
     let rows: Vec<LockedRow> = sqlx::query_as(BEGIN_BATCH)
         .bind(name)
-        .bind(&first.topic)
+        .bind(&*first.topic)
         .bind(first.partition)
         .bind(generation)
         .bind(&types)
@@ -340,7 +340,7 @@ pub(crate) async fn apply_messages<P: Projection>(
     let span = tracing::debug_span!(
         "tidings.projection.batch",
         projection = name,
-        topic = first.topic,
+        topic = &*first.topic,
         partition = first.partition,
         events = tracing::field::Empty,
     );
@@ -429,7 +429,7 @@ pub(crate) async fn apply_messages<P: Projection>(
         if !types.is_empty() {
             sqlx::query(SAVE_POSITIONS)
                 .bind(name)
-                .bind(&first.topic)
+                .bind(&*first.topic)
                 .bind(first.partition)
                 .bind(new_next)
                 .bind(&types)
@@ -478,7 +478,7 @@ async fn claim(
     let sequences: Vec<i64> = moved.iter().map(|(_, q)| *q).collect();
     let claimed = sqlx::query(CLAIM)
         .bind(name)
-        .bind(&first.topic)
+        .bind(&*first.topic)
         .bind(first.partition)
         .bind(new_next)
         .bind(&new_types)
@@ -604,19 +604,19 @@ async fn park<E>(
         rows.dead_letters.push(*dead_letter);
         rows.reasons.push(clean(reason));
         rows.keys
-            .push(m.key.as_deref().map(|k| clean(&String::from_utf8_lossy(k))));
+            .push(m.key().map(|k| clean(&String::from_utf8_lossy(k))));
         rows.headers
             .push(serde_json::to_string(&m.readable_headers()).unwrap_or_else(|_| "{}".to_owned()));
-        rows.values.push(m.value.as_deref());
-        rows.raw_keys.push(m.key.as_deref());
-        rows.raw_headers.push(&m.headers);
+        rows.values.push(m.value());
+        rows.raw_keys.push(m.key());
+        rows.raw_headers.push(m.raw_headers());
     }
     if rows.types.is_empty() {
         return Ok(());
     }
     sqlx::query(PARK)
         .bind(name)
-        .bind(&first.topic)
+        .bind(&*first.topic)
         .bind(first.partition)
         .bind(&rows.types)
         .bind(&rows.ids)

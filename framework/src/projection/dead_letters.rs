@@ -46,13 +46,23 @@ const ROUND: i64 = 100;
 /// as bytes (`None`: a header without a value).
 pub(crate) type RawHeaders = Vec<(String, Option<Vec<u8>>)>;
 
-/// Encodes headers for `tidings_parked.raw_headers`: per header, the key's
-/// length (u32, big endian) and bytes, then the value's length (i32, -1 for
-/// none) and bytes.
-pub(crate) fn encode_headers<'h>(
+/// The length of [`encode_headers_into`]'s bytes for `headers`.
+pub(crate) fn encoded_headers_len<'h>(
     headers: impl IntoIterator<Item = (&'h str, Option<&'h [u8]>)>,
-) -> Vec<u8> {
-    let mut out = Vec::new();
+) -> usize {
+    headers
+        .into_iter()
+        .map(|(key, value)| 8 + key.len() + value.map_or(0, <[u8]>::len))
+        .sum()
+}
+
+/// Encodes headers for `tidings_parked.raw_headers`, appending to `out`:
+/// per header, the key's length (u32, big endian) and bytes, then the
+/// value's length (i32, -1 for none) and bytes.
+pub(crate) fn encode_headers_into<'h>(
+    out: &mut Vec<u8>,
+    headers: impl IntoIterator<Item = (&'h str, Option<&'h [u8]>)>,
+) {
     for (key, value) in headers {
         out.extend_from_slice(&(key.len() as u32).to_be_bytes());
         out.extend_from_slice(key.as_bytes());
@@ -64,10 +74,9 @@ pub(crate) fn encode_headers<'h>(
             None => out.extend_from_slice(&(-1i32).to_be_bytes()),
         }
     }
-    out
 }
 
-/// Decodes [`encode_headers`]' bytes (`None` if they are not such bytes).
+/// Decodes [`encode_headers_into`]'s bytes (`None` if they are not such bytes).
 pub(crate) fn decode_headers(mut bytes: &[u8]) -> Option<RawHeaders> {
     fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         let (head, rest) = (bytes.get(..n)?, bytes.get(n..)?);

@@ -12,6 +12,7 @@
 //!   panic there is that message's poison, never the partition's end.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::envelope::{Envelope, HEADER_AGGREGATE_TYPE, WireEnvelope};
 use crate::event::{Event, Reading};
@@ -19,23 +20,73 @@ use crate::projection::dead_letters::{RawHeaders, decode_headers};
 use crate::projection::evolution::{NEWER_VERSION, RETIRED, UNKNOWN_TYPE};
 use crate::projection::{NewerVersions, UnknownTypes, panic_message};
 
-/// A message as consumed, owned by the partition's worker.
+/// A message as consumed, owned by the partition's worker: its key, value
+/// and headers copied into one buffer (one allocation per message).
 #[derive(Debug, Clone)]
 pub(crate) struct Message {
-    pub(crate) topic: String,
+    /// Shared by every message of the partition.
+    pub(crate) topic: Arc<str>,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
-    pub(crate) key: Option<Vec<u8>>,
-    pub(crate) value: Option<Vec<u8>>,
-    /// The headers, exactly, as [`encode_headers`](super::dead_letters::encode_headers)
-    /// writes them: one buffer per message, read only for what is parked.
-    pub(crate) headers: Vec<u8>,
+    /// The key, then the value, then the headers as
+    /// [`encode_headers_into`](super::dead_letters::encode_headers_into) writes them.
+    bytes: Vec<u8>,
+    key_len: Option<u32>,
+    value_len: Option<u32>,
 }
 
 impl Message {
+    /// A message of `topic`'s `partition` at `offset`, copied.
+    pub(crate) fn new<'h, H>(
+        topic: Arc<str>,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: H,
+    ) -> Self
+    where
+        H: IntoIterator<Item = (&'h str, Option<&'h [u8]>)> + Clone,
+    {
+        let size = key.map_or(0, <[u8]>::len)
+            + value.map_or(0, <[u8]>::len)
+            + super::dead_letters::encoded_headers_len(headers.clone());
+        let mut bytes = Vec::with_capacity(size);
+        bytes.extend_from_slice(key.unwrap_or_default());
+        bytes.extend_from_slice(value.unwrap_or_default());
+        super::dead_letters::encode_headers_into(&mut bytes, headers);
+        Message {
+            topic,
+            partition,
+            offset,
+            bytes,
+            key_len: key.map(|k| k.len() as u32),
+            value_len: value.map(|v| v.len() as u32),
+        }
+    }
+
+    /// The key, if it has one.
+    pub(crate) fn key(&self) -> Option<&[u8]> {
+        Some(&self.bytes[..self.key_len? as usize])
+    }
+
+    /// The value, if it has one.
+    pub(crate) fn value(&self) -> Option<&[u8]> {
+        let start = self.key_len.unwrap_or(0) as usize;
+        Some(&self.bytes[start..start + self.value_len? as usize])
+    }
+
+    /// The headers, exactly, as
+    /// [`encode_headers_into`](super::dead_letters::encode_headers_into) writes them:
+    /// read only for what is parked.
+    pub(crate) fn raw_headers(&self) -> &[u8] {
+        let start = self.key_len.unwrap_or(0) as usize + self.value_len.unwrap_or(0) as usize;
+        &self.bytes[start..]
+    }
+
     /// The headers, one by one.
     fn headers(&self) -> RawHeaders {
-        decode_headers(&self.headers).unwrap_or_default()
+        decode_headers(self.raw_headers()).unwrap_or_default()
     }
 
     /// The last value of header `key`, as text.
@@ -101,8 +152,7 @@ impl<E> Decoded<E> {
 /// The stream a message that is not an envelope is parked under.
 fn stream_of(message: &Message) -> Stream {
     let id = message
-        .key
-        .as_deref()
+        .key()
         .map(|k| clean(&String::from_utf8_lossy(k)))
         .unwrap_or_default();
     let kind = message
@@ -163,7 +213,7 @@ pub(super) fn decode_all<E: Event>(
     messages
         .iter()
         .map(|m| {
-            let raw = match m.value.as_deref() {
+            let raw = match m.value() {
                 Some(bytes) => WireEnvelope::from_wire(bytes),
                 None => Err(crate::DecodeError::Envelope("empty message".into())),
             };

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::error::{Error, Result};
 use crate::kafka::{KafkaConfig, TopicSpec, ensure_topics};
 use crate::projection::apply::{Failure, Mode, apply_messages};
-use crate::projection::dead_letters::{Sender, encode_headers};
+use crate::projection::dead_letters::Sender;
 use crate::projection::plan::Message;
 use crate::projection::{Projection, status, validate_projection_name};
 
@@ -310,10 +310,61 @@ impl ConsumerContext for RunnerContext {
 type Key = (String, i32);
 
 struct Worker {
+    /// Shared with every message queued to the worker.
+    topic: Arc<str>,
+    partition: i32,
     sender: mpsc::Sender<Message>,
     pending: VecDeque<Message>,
     paused: bool,
     handle: tokio::task::JoinHandle<()>,
+}
+
+/// The partition workers, by topic, then partition: a message finds its
+/// worker without allocating a key.
+#[derive(Default)]
+struct Workers(HashMap<Arc<str>, HashMap<i32, Worker>>);
+
+impl Workers {
+    fn get_mut(&mut self, topic: &str, partition: i32) -> Option<&mut Worker> {
+        self.0.get_mut(topic)?.get_mut(&partition)
+    }
+
+    fn insert(&mut self, worker: Worker) {
+        self.0
+            .entry(Arc::clone(&worker.topic))
+            .or_default()
+            .insert(worker.partition, worker);
+    }
+
+    /// Drops the partition's worker (its sender): it finishes its batch and stops.
+    fn remove(&mut self, topic: &str, partition: i32) {
+        if let Some(partitions) = self.0.get_mut(topic) {
+            partitions.remove(&partition);
+            if partitions.is_empty() {
+                self.0.remove(topic);
+            }
+        }
+    }
+
+    /// Moves pending messages on (see [`flush`]) and forgets the workers
+    /// that ended.
+    fn flush_and_prune(&mut self, consumer: &StreamConsumer<RunnerContext>) {
+        for partitions in self.0.values_mut() {
+            for worker in partitions.values_mut() {
+                flush(consumer, worker);
+            }
+            partitions.retain(|_, w| !w.handle.is_finished());
+        }
+        self.0.retain(|_, partitions| !partitions.is_empty());
+    }
+
+    fn into_handles(self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.0
+            .into_values()
+            .flat_map(HashMap::into_values)
+            .map(|w| w.handle)
+            .collect()
+    }
 }
 
 /// Why the consumer loop ended.
@@ -537,7 +588,7 @@ impl<P: Projection> Runner<P> {
         tracing::info!(projection = name, group, ?topics, "projection: consuming");
 
         let (stale_tx, mut stale) = mpsc::unbounded_channel::<()>();
-        let mut workers: HashMap<Key, Worker> = HashMap::new();
+        let mut workers = Workers::default();
         // Assigned partitions not yet sought to their checkpoint (paused).
         let mut unsought: Vec<Key> = Vec::new();
         let mut consumer_errors = Throttle::new(Duration::from_secs(10));
@@ -571,7 +622,7 @@ impl<P: Projection> Runner<P> {
                         });
                         for key in list {
                             // Dropping the sender lets the worker finish its batch and stop.
-                            workers.remove(&key);
+                            workers.remove(&key.0, key.1);
                             unsought.retain(|k| *k != key);
                         }
                     }
@@ -586,19 +637,8 @@ impl<P: Projection> Runner<P> {
                 received = consumer.recv() => match received {
                     Ok(message) => {
                         health.ok(&self.stats);
-                        let key = (message.topic().to_owned(), message.partition());
-                        let owned = Message {
-                            topic: key.0.clone(),
-                            partition: key.1,
-                            offset: message.offset(),
-                            key: message.key().map(<[u8]>::to_vec),
-                            value: message.payload().map(<[u8]>::to_vec),
-                            headers: message
-                                .headers()
-                                .map(|h| encode_headers(h.iter().map(|h| (h.key, h.value))))
-                                .unwrap_or_default(),
-                        };
-                        let worker = workers.entry(key.clone()).or_insert_with(|| {
+                        let (topic, partition) = (message.topic(), message.partition());
+                        if workers.get_mut(topic, partition).is_none() {
                             let (sender, receiver) = mpsc::channel(capacity);
                             let handle = tokio::spawn(partition_worker(
                                 self.pool.clone(),
@@ -611,10 +651,32 @@ impl<P: Projection> Runner<P> {
                                 Arc::clone(&self.stats),
                                 stale_tx.clone(),
                             ));
-                            Worker { sender, pending: VecDeque::new(), paused: false, handle }
-                        });
+                            workers.insert(Worker {
+                                topic: Arc::from(topic),
+                                partition,
+                                sender,
+                                pending: VecDeque::new(),
+                                paused: false,
+                                handle,
+                            });
+                        }
+                        let Some(worker) = workers.get_mut(topic, partition) else {
+                            continue;
+                        };
+                        let headers = message.headers();
+                        let owned = Message::new(
+                            Arc::clone(&worker.topic),
+                            partition,
+                            message.offset(),
+                            message.key(),
+                            message.payload(),
+                            (0..headers.map_or(0, |h| h.count())).filter_map(|i| {
+                                let header = headers?.get(i);
+                                Some((header.key, header.value))
+                            }),
+                        );
                         worker.pending.push_back(owned);
-                        flush(&consumer, &key, worker);
+                        flush(&consumer, worker);
                     }
                     Err(error) => {
                         // An outage yields an error per poll: one line, then
@@ -635,17 +697,13 @@ impl<P: Projection> Runner<P> {
                         seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &self.stats, &mut seek_errors).await;
                         next_seek = Instant::now() + seek_spacing;
                     }
-                    for (key, worker) in workers.iter_mut() {
-                        flush(&consumer, key, worker);
-                    }
-                    workers.retain(|_, w| !w.handle.is_finished());
+                    workers.flush_and_prune(&consumer);
                     health.tick(&self.stats);
                 }
             }
         };
         // Let every partition finish its batch in flight, then leave the group.
-        let handles: Vec<_> = workers.into_values().map(|w| w.handle).collect();
-        for handle in handles {
+        for handle in workers.into_handles() {
             let _ = handle.await;
         }
         consumer.unsubscribe();
@@ -751,7 +809,7 @@ async fn seek_to_checkpoints(
 
 /// Moves pending messages into the worker's queue; pauses the partition at
 /// the consumer while the queue is full, resumes it once drained.
-fn flush(consumer: &StreamConsumer<RunnerContext>, key: &Key, worker: &mut Worker) {
+fn flush(consumer: &StreamConsumer<RunnerContext>, worker: &mut Worker) {
     while let Some(message) = worker.pending.pop_front() {
         match worker.sender.try_send(message) {
             Ok(()) => {}
@@ -766,7 +824,7 @@ fn flush(consumer: &StreamConsumer<RunnerContext>, key: &Key, worker: &mut Worke
     // message costs librdkafka allocations for nothing.
     let partition = || {
         let mut list = TopicPartitionList::new();
-        list.add_partition(&key.0, key.1);
+        list.add_partition(&worker.topic, worker.partition);
         list
     };
     if !worker.pending.is_empty() && !worker.paused {
@@ -944,7 +1002,8 @@ async fn partition_worker<P: Projection>(
         let Some(first) = first else {
             break;
         };
-        let mut batch = vec![first];
+        let mut batch = Vec::with_capacity(config.batch_size.min(receiver.len() + 1));
+        batch.push(first);
         let mut linger_until = None;
         while batch.len() < config.batch_size {
             match receiver.try_recv() {
@@ -969,7 +1028,7 @@ async fn partition_worker<P: Projection>(
         let mut mode = Mode::default();
         loop {
             for message in &batch {
-                let size = message.value.as_ref().map_or(0, Vec::len);
+                let size = message.value().map_or(0, <[u8]>::len);
                 if size > config.max_message_bytes {
                     poison.entry(message.offset).or_insert_with(|| {
                         format!(
@@ -1094,7 +1153,7 @@ async fn partition_worker<P: Projection>(
                 Err(Failure::Locate(reason)) => {
                     tracing::warn!(
                         projection = name,
-                        topic = batch[0].topic,
+                        topic = &*batch[0].topic,
                         partition = batch[0].partition,
                         reason,
                         "projection: the batch was refused without naming the event; applying it one event at a time"
@@ -1116,7 +1175,7 @@ async fn partition_worker<P: Projection>(
                     stats.retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         projection = name,
-                        topic = batch[0].topic,
+                        topic = &*batch[0].topic,
                         partition = batch[0].partition,
                         failures,
                         error,

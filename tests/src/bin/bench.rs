@@ -1067,12 +1067,16 @@ async fn main() -> Result<(), BoxError> {
 
         // Replay: the runner process rebuilds the read model from the topic,
         // into a table of the same shape as the raw consumer's.
+        // Each side starts from a checkpoint of its own: neither pays for
+        // the dirty pages and the full-page writes the other left behind.
+        pool.execute("CHECKPOINT").await?;
         let raw_rate = raw_replay(&pool, &topic, args.events).await?;
         pool.execute(
             "CREATE TABLE order_summary (order_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, amount DOUBLE PRECISION NOT NULL, \
              currency TEXT NOT NULL, status TEXT NOT NULL, payment_id TEXT, events_applied INTEGER NOT NULL)",
         )
         .await?;
+        pool.execute("CHECKPOINT").await?;
         let runner = spawn(example_bin("orders"), &["summary", "run"], &prefix)?;
         let n = args.events as i64;
         // Timed from the first batch committed (the process start, the
