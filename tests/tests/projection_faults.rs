@@ -166,6 +166,51 @@ async fn a_group_offset_ahead_of_the_postgres_checkpoint_skips_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_loses_its_last_commits_under_a_running_runner_gets_them_applied_again() {
+    use tidings_tests::pipeline::{CounterView, wait_applied};
+    let db = TestDb::new().await;
+    CounterView::create_table(&db.pool).await;
+    let store = tidings_tests::prefixed_store(&db);
+    let prefix = prefix_of(&store);
+    let first = publish_counters(&db, &store, 6, 10).await;
+    let (stop, task) = counter_runner(&db, &prefix);
+    wait_applied(&db.pool, first, Duration::from_secs(60)).await;
+    // The runner keeps running while its database loses what the batches
+    // committed (a failover to a replica that had not received them, a
+    // restore from a backup): read model, positions and checkpoints go back
+    // together, as a lost suffix of commits takes them.
+    for sql in [
+        "TRUNCATE counter_view",
+        "DELETE FROM tidings_checkpoints",
+        "DELETE FROM tidings_projection_streams",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    // Later events: each counter's next sequence has no position to follow.
+    let second = publish_counters(&db, &store, 6, 10).await;
+    wait_applied(&db.pool, first + second, Duration::from_secs(60)).await;
+    let parked = tidings::projection::list_parked(&db.pool, None)
+        .await
+        .unwrap();
+    assert!(
+        parked.is_empty(),
+        "nothing taken for a gap or parked: {parked:#?}"
+    );
+    let applied: i64 = sqlx::query_scalar("SELECT sum(events)::bigint FROM counter_view")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        applied as u64,
+        first + second,
+        "the lost events applied again, once, and the later ones once"
+    );
+    assert!(!task.is_finished(), "the runner keeps running");
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_databases_running_one_projection_on_the_same_topics_each_see_every_event() {
     use tidings_tests::pipeline::{CounterView, wait_applied};
     let first = TestDb::new().await;

@@ -26,6 +26,12 @@
 //!   stream another transaction is creating), the insert fails before the
 //!   projection is called and the batch is planned again with every
 //!   stream's position read. Nothing is decided on the guess.
+//! - **A checkpoint that went back is not read past.** A checkpoint found
+//!   behind the one the worker committed last (the database lost its last
+//!   commits, failed over to a replica that had not received them, or came
+//!   back from a backup) fails the batch before anything is planned; the
+//!   partition is read again from the checkpoint, so the events in between
+//!   are applied again, not taken for gaps.
 
 use std::collections::HashMap;
 
@@ -66,6 +72,13 @@ pub(crate) enum Failure {
     Locate(String),
     /// This instance's generation was replaced by a replay: stop.
     Stale,
+    /// The checkpoint is behind what this worker committed (the database
+    /// lost its last commits, or came back from a backup): the partition is
+    /// read again from the checkpoint.
+    Behind {
+        /// The checkpoint found.
+        checkpoint: i64,
+    },
     /// A stream taken to be new has a row (made earlier, or by another
     /// transaction meanwhile): plan the batch again at once, reading every
     /// stream's position.
@@ -213,12 +226,16 @@ pub(crate) struct Mode {
 }
 
 /// Applies `messages` (one partition, in offset order) in one transaction
-/// on `conn`.
+/// on `conn`. `committed` is the checkpoint this worker's last batch
+/// committed, if it committed one: a checkpoint found behind it fails the
+/// batch with [`Failure::Behind`] before anything is decided, since the
+/// messages in between would otherwise be taken for gaps.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn apply_messages<P: Projection>(
     conn: &mut PgConnection,
     projection: &P,
     generation: i32,
+    committed: Option<i64>,
     messages: &[Message],
     poison: &HashMap<i64, String>,
     mode: Mode,
@@ -269,6 +286,11 @@ pub(crate) async fn apply_messages<P: Projection>(
     let Some(&(next_offset, ..)) = rows.first() else {
         return Err(Failure::Stale);
     };
+    if committed.is_some_and(|committed| next_offset < committed) {
+        return Err(Failure::Behind {
+            checkpoint: next_offset,
+        });
+    }
     let mut last_sequence: Map<Stream, i64> =
         Map::with_capacity_and_hasher(rows.len(), Default::default());
     let mut blocked: Set<Stream> = Set::default();

@@ -588,6 +588,9 @@ impl<P: Projection> Runner<P> {
         tracing::info!(projection = name, group, ?topics, "projection: consuming");
 
         let (stale_tx, mut stale) = mpsc::unbounded_channel::<()>();
+        // Partitions whose worker found the checkpoint behind what it
+        // committed: sought to the checkpoint again.
+        let (reseek_tx, mut reseek) = mpsc::unbounded_channel::<Key>();
         let mut workers = Workers::default();
         // Assigned partitions not yet sought to their checkpoint (paused).
         let mut unsought: Vec<Key> = Vec::new();
@@ -613,6 +616,19 @@ impl<P: Projection> Runner<P> {
                 biased;
                 () = shutdown.as_mut() => break End::Shutdown,
                 Some(()) = stale.recv() => break End::NewGeneration,
+                Some(key) = reseek.recv() => {
+                    // Paused until sought: nothing fetched past the lost
+                    // checkpoint reaches a new worker first.
+                    let mut list = TopicPartitionList::new();
+                    list.add_partition(&key.0, key.1);
+                    let _ = consumer.pause(&list);
+                    workers.remove(&key.0, key.1);
+                    if !unsought.contains(&key) {
+                        unsought.push(key);
+                    }
+                    seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &self.stats, &mut seek_errors).await;
+                    next_seek = Instant::now() + seek_spacing;
+                }
                 Some(change) = changes.recv() => match change {
                     Change::Revoked(list) => {
                         tracing::info!(projection = name, partitions = ?list, "projection: partitions revoked");
@@ -650,6 +666,7 @@ impl<P: Projection> Runner<P> {
                                 self.config.clone(),
                                 Arc::clone(&self.stats),
                                 stale_tx.clone(),
+                                reseek_tx.clone(),
                             ));
                             workers.insert(Worker {
                                 topic: Arc::from(topic),
@@ -982,8 +999,11 @@ async fn partition_worker<P: Projection>(
     config: RunnerConfig,
     stats: Arc<RunnerStats>,
     stale: mpsc::UnboundedSender<()>,
+    reseek: mpsc::UnboundedSender<Key>,
 ) {
     let name = projection.name().to_owned();
+    // The checkpoint this worker's last batch committed.
+    let mut committed: Option<i64> = None;
     // One connection held across batches: no ping per acquire (the pool
     // tests connections it hands out). Given back when idle for a second,
     // when someone may be waiting for one, and after a failure.
@@ -1067,6 +1087,7 @@ async fn partition_worker<P: Projection>(
                 &mut conn,
                 projection.as_ref(),
                 generation,
+                committed,
                 &batch,
                 &poison,
                 mode,
@@ -1097,9 +1118,13 @@ async fn partition_worker<P: Projection>(
                 {
                     held = Some(conn);
                 }
-                Ok(_) | Err(Failure::Poison { .. } | Failure::Locate(_) | Failure::Claimed(_)) => {
-                    drop(conn)
-                }
+                Ok(_)
+                | Err(
+                    Failure::Poison { .. }
+                    | Failure::Locate(_)
+                    | Failure::Claimed(_)
+                    | Failure::Behind { .. },
+                ) => drop(conn),
                 // Its state is unknown (abandoned mid-statement, say):
                 // closed rather than handed back.
                 Err(_) => {
@@ -1127,6 +1152,7 @@ async fn partition_worker<P: Projection>(
                         wake_sender.notify_one();
                     }
                     if let Some(next) = outcome.next_offset {
+                        committed = Some(next);
                         let mut list = TopicPartitionList::new();
                         let _ = list.add_partition_offset(
                             &batch[0].topic,
@@ -1188,6 +1214,20 @@ async fn partition_worker<P: Projection>(
                 }
                 Err(Failure::Stale) => {
                     let _ = stale.send(());
+                    return;
+                }
+                Err(Failure::Behind { checkpoint }) => {
+                    tracing::warn!(
+                        projection = name,
+                        topic = &*batch[0].topic,
+                        partition = batch[0].partition,
+                        committed,
+                        checkpoint,
+                        "projection: the checkpoint went back (the database lost its last commits or was restored); reading the partition again from it"
+                    );
+                    // What is queued here is dropped with this worker; the
+                    // consumer seeks the partition to the checkpoint.
+                    let _ = reseek.send((batch[0].topic.to_string(), batch[0].partition));
                     return;
                 }
             }
