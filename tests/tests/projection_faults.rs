@@ -211,6 +211,70 @@ async fn a_database_that_loses_its_last_commits_under_a_running_runner_gets_them
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_lost_after_a_partition_was_sought_to_its_checkpoint_are_applied_again() {
+    use tidings_tests::pipeline::{CounterView, wait_applied};
+    let db = TestDb::new().await;
+    CounterView::create_table(&db.pool).await;
+    let store = tidings_tests::prefixed_store(&db);
+    let prefix = prefix_of(&store);
+    let first = publish_counters(&db, &store, 6, 10).await;
+    let (stop, task) = counter_runner(&db, &prefix);
+    wait_applied(&db.pool, first, Duration::from_secs(60)).await;
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    // A new runner takes the partitions and seeks each to its checkpoint;
+    // nothing is left to read, so no worker has committed anything yet.
+    let runner = Runner::new(
+        db.pool.clone(),
+        tidings_tests::pipeline::CounterView,
+        RunnerConfig::new(KafkaConfig::new(brokers()))
+            .topic_prefix(&prefix)
+            .max_backoff(Duration::from_secs(1)),
+    )
+    .unwrap();
+    let stats = runner.stats();
+    let (stop, task) = spawn_runner(runner);
+    let started = Instant::now();
+    while stats.assigned.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(
+            started.elapsed() < tidings_tests::scaled(Duration::from_secs(60)),
+            "no partition assigned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Sought (the seek follows the assignment at once); then the database
+    // loses what the first runner committed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for sql in [
+        "TRUNCATE counter_view",
+        "DELETE FROM tidings_checkpoints",
+        "DELETE FROM tidings_projection_streams",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    let second = publish_counters(&db, &store, 6, 10).await;
+    wait_applied(&db.pool, first + second, Duration::from_secs(60)).await;
+    let parked = tidings::projection::list_parked(&db.pool, None)
+        .await
+        .unwrap();
+    assert!(
+        parked.is_empty(),
+        "nothing taken for a gap or parked: {parked:#?}"
+    );
+    let applied: i64 = sqlx::query_scalar("SELECT sum(events)::bigint FROM counter_view")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        applied as u64,
+        first + second,
+        "the lost events applied again, once, and the later ones once"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_databases_running_one_projection_on_the_same_topics_each_see_every_event() {
     use tidings_tests::pipeline::{CounterView, wait_applied};
     let first = TestDb::new().await;

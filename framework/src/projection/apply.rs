@@ -227,7 +227,8 @@ pub(crate) struct Mode {
 
 /// Applies `messages` (one partition, in offset order) in one transaction
 /// on `conn`. `committed` is the checkpoint this worker's last batch
-/// committed, if it committed one: a checkpoint found behind it fails the
+/// committed, or else the one its partition was sought to: a checkpoint
+/// found behind it fails the
 /// batch with [`Failure::Behind`] before anything is decided, since the
 /// messages in between would otherwise be taken for gaps.
 #[allow(clippy::too_many_arguments)]

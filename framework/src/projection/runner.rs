@@ -594,6 +594,10 @@ impl<P: Projection> Runner<P> {
         let mut workers = Workers::default();
         // Assigned partitions not yet sought to their checkpoint (paused).
         let mut unsought: Vec<Key> = Vec::new();
+        // The checkpoint each partition was last sought to, until its
+        // worker starts: the worker's first batch must not find the
+        // checkpoint behind it.
+        let mut sought_at: HashMap<Key, i64> = HashMap::new();
         let mut consumer_errors = Throttle::new(Duration::from_secs(10));
         let mut seek_errors = Throttle::new(Duration::from_secs(10));
         // Seeks that failed (the broker away) are tried again at this pace.
@@ -626,7 +630,7 @@ impl<P: Projection> Runner<P> {
                     if !unsought.contains(&key) {
                         unsought.push(key);
                     }
-                    seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &self.stats, &mut seek_errors).await;
+                    seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &mut sought_at, &self.stats, &mut seek_errors).await;
                     next_seek = Instant::now() + seek_spacing;
                 }
                 Some(change) = changes.recv() => match change {
@@ -639,6 +643,7 @@ impl<P: Projection> Runner<P> {
                         for key in list {
                             // Dropping the sender lets the worker finish its batch and stop.
                             workers.remove(&key.0, key.1);
+                            sought_at.remove(&key);
                             unsought.retain(|k| *k != key);
                         }
                     }
@@ -646,7 +651,7 @@ impl<P: Projection> Runner<P> {
                         tracing::info!(projection = name, partitions = ?list, "projection: partitions assigned");
                         self.stats.assigned.fetch_add(list.len() as u64, Ordering::Relaxed);
                         unsought.extend(list);
-                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &self.stats, &mut seek_errors).await;
+                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &mut sought_at, &self.stats, &mut seek_errors).await;
                         next_seek = Instant::now() + seek_spacing;
                     }
                 },
@@ -656,10 +661,12 @@ impl<P: Projection> Runner<P> {
                         let (topic, partition) = (message.topic(), message.partition());
                         if workers.get_mut(topic, partition).is_none() {
                             let (sender, receiver) = mpsc::channel(capacity);
+                            let committed = sought_at.remove(&(topic.to_owned(), partition));
                             let handle = tokio::spawn(partition_worker(
                                 self.pool.clone(),
                                 Arc::clone(&self.projection),
                                 generation,
+                                committed,
                                 receiver,
                                 Arc::clone(&consumer),
                                 Arc::clone(&wake_sender),
@@ -711,7 +718,7 @@ impl<P: Projection> Runner<P> {
                 },
                 _ = tick.tick() => {
                     if !unsought.is_empty() && Instant::now() >= next_seek {
-                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &self.stats, &mut seek_errors).await;
+                        seek_to_checkpoints(&self.pool, &name, &consumer, &mut unsought, &mut sought_at, &self.stats, &mut seek_errors).await;
                         next_seek = Instant::now() + seek_spacing;
                     }
                     workers.flush_and_prune(&consumer);
@@ -741,6 +748,7 @@ async fn seek_to_checkpoints(
     name: &str,
     consumer: &StreamConsumer<RunnerContext>,
     unsought: &mut Vec<Key>,
+    sought_at: &mut HashMap<Key, i64>,
     stats: &RunnerStats,
     warnings: &mut Throttle,
 ) {
@@ -811,6 +819,11 @@ async fn seek_to_checkpoints(
             Ok(()) => {
                 tracing::debug!(projection = name, topic, partition, ?offset, "projection: sought to the checkpoint");
                 sought.add_partition(topic, *partition);
+                let key = (topic.clone(), *partition);
+                match next {
+                    Some(next) => sought_at.insert(key, next),
+                    None => sought_at.remove(&key),
+                };
                 false
             }
             Err(error) => {
@@ -993,6 +1006,7 @@ async fn partition_worker<P: Projection>(
     pool: PgPool,
     projection: Arc<P>,
     generation: i32,
+    sought_to: Option<i64>,
     mut receiver: mpsc::Receiver<Message>,
     consumer: Arc<StreamConsumer<RunnerContext>>,
     wake_sender: Arc<tokio::sync::Notify>,
@@ -1002,8 +1016,9 @@ async fn partition_worker<P: Projection>(
     reseek: mpsc::UnboundedSender<Key>,
 ) {
     let name = projection.name().to_owned();
-    // The checkpoint this worker's last batch committed.
-    let mut committed: Option<i64> = None;
+    // The checkpoint this worker's last batch committed (at first, the one
+    // the partition was sought to): the database may not go back from it.
+    let mut committed: Option<i64> = sought_to;
     // One connection held across batches: no ping per acquire (the pool
     // tests connections it hands out). Given back when idle for a second,
     // when someone may be waiting for one, and after a failure.
