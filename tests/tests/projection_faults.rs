@@ -103,6 +103,40 @@ async fn publish_counters(db: &TestDb, store: &tidings::Store, counters: usize, 
     (counters * per) as u64
 }
 
+/// The database loses what the runner committed (read model, positions and
+/// checkpoints together, as a lost suffix of commits takes them); then 60
+/// more events are published. Asserts that the runner applies the lost
+/// events again, once, and the later ones once, taking none for a gap.
+async fn lose_commits_then_publish_more(db: &TestDb, store: &tidings::Store, first: u64) {
+    use tidings_tests::pipeline::wait_applied;
+    for sql in [
+        "TRUNCATE counter_view",
+        "DELETE FROM tidings_checkpoints",
+        "DELETE FROM tidings_projection_streams",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    // Each counter's next sequence has no position to follow.
+    let second = publish_counters(db, store, 6, 10).await;
+    wait_applied(&db.pool, first + second, Duration::from_secs(60)).await;
+    let parked = tidings::projection::list_parked(&db.pool, None)
+        .await
+        .unwrap();
+    assert!(
+        parked.is_empty(),
+        "nothing taken for a gap or parked: {parked:#?}"
+    );
+    let applied: i64 = sqlx::query_scalar("SELECT sum(events)::bigint FROM counter_view")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        applied as u64,
+        first + second,
+        "the lost events applied again, once, and the later ones once"
+    );
+}
+
 fn counter_runner(
     db: &TestDb,
     prefix: &str,
@@ -179,32 +213,7 @@ async fn a_database_that_loses_its_last_commits_under_a_running_runner_gets_them
     // committed (a failover to a replica that had not received them, a
     // restore from a backup): read model, positions and checkpoints go back
     // together, as a lost suffix of commits takes them.
-    for sql in [
-        "TRUNCATE counter_view",
-        "DELETE FROM tidings_checkpoints",
-        "DELETE FROM tidings_projection_streams",
-    ] {
-        sqlx::query(sql).execute(&db.pool).await.unwrap();
-    }
-    // Later events: each counter's next sequence has no position to follow.
-    let second = publish_counters(&db, &store, 6, 10).await;
-    wait_applied(&db.pool, first + second, Duration::from_secs(60)).await;
-    let parked = tidings::projection::list_parked(&db.pool, None)
-        .await
-        .unwrap();
-    assert!(
-        parked.is_empty(),
-        "nothing taken for a gap or parked: {parked:#?}"
-    );
-    let applied: i64 = sqlx::query_scalar("SELECT sum(events)::bigint FROM counter_view")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(
-        applied as u64,
-        first + second,
-        "the lost events applied again, once, and the later ones once"
-    );
+    lose_commits_then_publish_more(&db, &store, first).await;
     assert!(!task.is_finished(), "the runner keeps running");
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
@@ -245,31 +254,7 @@ async fn commits_lost_after_a_partition_was_sought_to_its_checkpoint_are_applied
     // Sought (the seek follows the assignment at once); then the database
     // loses what the first runner committed.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for sql in [
-        "TRUNCATE counter_view",
-        "DELETE FROM tidings_checkpoints",
-        "DELETE FROM tidings_projection_streams",
-    ] {
-        sqlx::query(sql).execute(&db.pool).await.unwrap();
-    }
-    let second = publish_counters(&db, &store, 6, 10).await;
-    wait_applied(&db.pool, first + second, Duration::from_secs(60)).await;
-    let parked = tidings::projection::list_parked(&db.pool, None)
-        .await
-        .unwrap();
-    assert!(
-        parked.is_empty(),
-        "nothing taken for a gap or parked: {parked:#?}"
-    );
-    let applied: i64 = sqlx::query_scalar("SELECT sum(events)::bigint FROM counter_view")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(
-        applied as u64,
-        first + second,
-        "the lost events applied again, once, and the later ones once"
-    );
+    lose_commits_then_publish_more(&db, &store, first).await;
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
