@@ -103,6 +103,27 @@ async fn publish_counters(db: &TestDb, store: &tidings::Store, counters: usize, 
     (counters * per) as u64
 }
 
+/// 60 events (6 counters × 10) written, published and applied by a
+/// counter runner, which is returned running.
+async fn sixty_events_applied() -> (
+    TestDb,
+    tidings::Store,
+    String,
+    u64,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<tidings::Result<()>>,
+) {
+    use tidings_tests::pipeline::{CounterView, wait_applied};
+    let db = TestDb::new().await;
+    CounterView::create_table(&db.pool).await;
+    let store = tidings_tests::prefixed_store(&db);
+    let prefix = prefix_of(&store);
+    let first = publish_counters(&db, &store, 6, 10).await;
+    let (stop, task) = counter_runner(&db, &prefix);
+    wait_applied(&db.pool, first, Duration::from_secs(60)).await;
+    (db, store, prefix, first, stop, task)
+}
+
 /// The database loses what the runner committed (read model, positions and
 /// checkpoints together, as a lost suffix of commits takes them); then 60
 /// more events are published. Asserts that the runner applies the lost
@@ -201,14 +222,7 @@ async fn a_group_offset_ahead_of_the_postgres_checkpoint_skips_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_loses_its_last_commits_under_a_running_runner_gets_them_applied_again() {
-    use tidings_tests::pipeline::{CounterView, wait_applied};
-    let db = TestDb::new().await;
-    CounterView::create_table(&db.pool).await;
-    let store = tidings_tests::prefixed_store(&db);
-    let prefix = prefix_of(&store);
-    let first = publish_counters(&db, &store, 6, 10).await;
-    let (stop, task) = counter_runner(&db, &prefix);
-    wait_applied(&db.pool, first, Duration::from_secs(60)).await;
+    let (db, store, _, first, stop, task) = sixty_events_applied().await;
     // The runner keeps running while its database loses what the batches
     // committed (a failover to a replica that had not received them, a
     // restore from a backup): read model, positions and checkpoints go back
@@ -221,14 +235,7 @@ async fn a_database_that_loses_its_last_commits_under_a_running_runner_gets_them
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_lost_after_a_partition_was_sought_to_its_checkpoint_are_applied_again() {
-    use tidings_tests::pipeline::{CounterView, wait_applied};
-    let db = TestDb::new().await;
-    CounterView::create_table(&db.pool).await;
-    let store = tidings_tests::prefixed_store(&db);
-    let prefix = prefix_of(&store);
-    let first = publish_counters(&db, &store, 6, 10).await;
-    let (stop, task) = counter_runner(&db, &prefix);
-    wait_applied(&db.pool, first, Duration::from_secs(60)).await;
+    let (db, store, prefix, first, stop, task) = sixty_events_applied().await;
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
     // A new runner takes the partitions and seeks each to its checkpoint;

@@ -329,11 +329,23 @@ impl Workers {
         self.0.get_mut(topic)?.get_mut(&partition)
     }
 
-    fn insert(&mut self, worker: Worker) {
-        self.0
-            .entry(Arc::clone(&worker.topic))
-            .or_default()
-            .insert(worker.partition, worker);
+    /// The partition's worker, started by `start` (given the topic name to
+    /// share) if it has none.
+    fn get_or_start(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        start: impl FnOnce(Arc<str>) -> Worker,
+    ) -> &mut Worker {
+        if self.get_mut(topic, partition).is_none() {
+            let worker = start(Arc::from(topic));
+            self.0
+                .entry(Arc::clone(&worker.topic))
+                .or_default()
+                .insert(partition, worker);
+        }
+        self.get_mut(topic, partition)
+            .expect("the worker was just started")
     }
 
     /// Drops the partition's worker (its sender): it finishes its batch and stops.
@@ -659,9 +671,9 @@ impl<P: Projection> Runner<P> {
                     Ok(message) => {
                         health.ok(&self.stats);
                         let (topic, partition) = (message.topic(), message.partition());
-                        if workers.get_mut(topic, partition).is_none() {
+                        let worker = workers.get_or_start(topic, partition, |topic| {
                             let (sender, receiver) = mpsc::channel(capacity);
-                            let committed = sought_at.remove(&(topic.to_owned(), partition));
+                            let committed = sought_at.remove(&(topic.to_string(), partition));
                             let handle = tokio::spawn(partition_worker(
                                 self.pool.clone(),
                                 Arc::clone(&self.projection),
@@ -675,18 +687,8 @@ impl<P: Projection> Runner<P> {
                                 stale_tx.clone(),
                                 reseek_tx.clone(),
                             ));
-                            workers.insert(Worker {
-                                topic: Arc::from(topic),
-                                partition,
-                                sender,
-                                pending: VecDeque::new(),
-                                paused: false,
-                                handle,
-                            });
-                        }
-                        let Some(worker) = workers.get_mut(topic, partition) else {
-                            continue;
-                        };
+                            Worker { topic, partition, sender, pending: VecDeque::new(), paused: false, handle }
+                        });
                         let headers = message.headers();
                         let owned = Message::new(
                             Arc::clone(&worker.topic),
