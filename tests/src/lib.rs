@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+pub mod cpu;
 pub mod gauges;
 pub mod pipeline;
 pub mod proxy;

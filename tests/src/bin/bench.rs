@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgPool};
 use tidings::{Aggregate, Event, EventContext, RawEnvelope, Store};
+use tidings_tests::cpu::{self, Role};
 use tidings_tests::{Spawned, database_url, example_bin, kafka_config, tidings_bin, unique};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -1070,7 +1071,14 @@ async fn main() -> Result<(), BoxError> {
         // Each side starts from a checkpoint of its own: neither pays for
         // the dirty pages and the full-page writes the other left behind.
         pool.execute("CHECKPOINT").await?;
+        let raw_roles = [
+            ("broker", Role::Named("nisshi")),
+            ("PostgreSQL", Role::Named("postgres")),
+            ("raw consumer", Role::Pid(std::process::id())),
+        ];
+        let before = cpu::sample(&raw_roles);
         let raw_rate = raw_replay(&pool, &topic, args.events).await?;
+        let raw_cpu = before.shares_until(&cpu::sample(&raw_roles));
         pool.execute(
             "CREATE TABLE order_summary (order_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, amount DOUBLE PRECISION NOT NULL, \
              currency TEXT NOT NULL, status TEXT NOT NULL, payment_id TEXT, events_applied INTEGER NOT NULL)",
@@ -1078,6 +1086,13 @@ async fn main() -> Result<(), BoxError> {
         .await?;
         pool.execute("CHECKPOINT").await?;
         let runner = spawn(example_bin("orders"), &["summary", "run"], &prefix)?;
+        let roles = [
+            ("broker", Role::Named("nisshi")),
+            ("PostgreSQL", Role::Named("postgres")),
+            ("load generator", Role::Pid(std::process::id())),
+            ("relay", Role::Pid(relay.id())),
+            ("runner", Role::Pid(runner.id())),
+        ];
         let n = args.events as i64;
         // Timed from the first batch committed (the process start, the
         // group join and the first fetch are not in the rate, nor in the
@@ -1089,12 +1104,14 @@ async fn main() -> Result<(), BoxError> {
         )
         .await?;
         let first = summary_applied(&pool).await?;
+        let before = cpu::sample(&roles);
         let took = wait(
             "the projection replaying the topic",
             Duration::from_secs(900),
             async || Ok(summary_applied(&pool).await? >= n),
         )
         .await?;
+        let replay_cpu = before.shares_until(&cpu::sample(&roles));
         // One batch held it all (a tiny run): counted from the spawn.
         let ours = if first >= n {
             n as f64 / (startup + took).as_secs_f64()
@@ -1106,6 +1123,9 @@ async fn main() -> Result<(), BoxError> {
             startup.as_millis(),
             n as f64 / (startup + took).as_secs_f64()
         );
+        // Where the CPU went (the bench's own share is its probes here).
+        eprintln!("replay CPU: {replay_cpu}");
+        eprintln!("raw replay CPU: {raw_cpu}");
         figures.push(Figure {
             name: "replay".into(),
             unit: "events/s".into(),
@@ -1129,6 +1149,7 @@ async fn main() -> Result<(), BoxError> {
             );
             let total = (args.rate * args.seconds) as usize;
             let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+            let before = cpu::sample(&roles);
             let started = Instant::now();
             let mut tasks = Vec::with_capacity(total);
             let store = Arc::new(store);
@@ -1166,6 +1187,7 @@ async fn main() -> Result<(), BoxError> {
                 async || Ok(summary_applied(&pool).await? >= expected),
             )
             .await?;
+            let e2e_cpu = before.shares_until(&cpu::sample(&roles));
             let (p50, p95, p99): (f64, f64, f64) = sqlx::query_as(
                 "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.95) WITHIN GROUP (ORDER BY ms), \
                  percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) FROM ( \
@@ -1186,6 +1208,7 @@ async fn main() -> Result<(), BoxError> {
                 "e2e legs (p50/p99): commit to produced {:.1}/{:.1} ms, produced to applied {:.1}/{:.1} ms",
                 legs[0], legs[1], legs[2], legs[3]
             );
+            eprintln!("e2e CPU, from the first command to the last applied: {e2e_cpu}");
             for (name, v) in [("p50", p50), ("p95", p95), ("p99", p99)] {
                 figures.push(Figure {
                     name: format!("end to end {name} at {offered:.0} commands/s"),
