@@ -33,8 +33,10 @@ pub struct RunnerConfig {
     /// (`<prefix>.<topic prefix><projection>.<registration>.g<generation>`).
     pub group_prefix: String,
     /// The most events applied in one transaction (default 500). Each
-    /// partition's worker queues up to four batches' messages; a partition
-    /// whose queue is full is paused at the consumer until it drains.
+    /// partition's worker queues up to four batches' messages (so a runner
+    /// holds up to four times this many messages per partition, plus what
+    /// the consumer fetched ahead); a partition whose queue is full is
+    /// paused at the consumer while messages wait for room in it.
     pub batch_size: usize,
     /// How long, at most, a partition's batch waits for more messages while
     /// it is short of [`batch_size`](Self::batch_size) (default 1 ms, from
@@ -635,10 +637,8 @@ impl<P: Projection> Runner<P> {
         // fetched ahead for the partition (librdkafka fetches it again from
         // the last message delivered when it resumes), so a queue of two
         // batches made a replay fetch much of its topic over again
-        // (replaying 1M events: the broker at 32 % of a core and 91k
-        // events/s with two, 22 % and 99k-111k with four; 5 % for a
-        // consumer that never pauses).
-        let capacity = self.config.batch_size * 4;
+        // (BENCHMARKS.md, "What limits each figure").
+        let capacity = self.config.batch_size.saturating_mul(4).min(1 << 24);
         let end = loop {
             tokio::select! {
                 biased;
@@ -855,7 +855,9 @@ async fn seek_to_checkpoints(
 }
 
 /// Moves pending messages into the worker's queue; pauses the partition at
-/// the consumer while the queue is full, resumes it once drained.
+/// the consumer while messages wait for room, resumes it once none waits.
+/// (Resuming only once the queue was half empty measured slower: the
+/// worker ran dry while the partition was fetched again.)
 fn flush(consumer: &StreamConsumer<RunnerContext>, worker: &mut Worker) {
     while let Some(message) = worker.pending.pop_front() {
         match worker.sender.try_send(message) {
