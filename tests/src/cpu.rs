@@ -102,12 +102,13 @@ impl Sample {
 
 impl std::fmt::Display for Shares {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (label, share) in &self.roles {
-            write!(f, "{label} {share:.0}, ")?;
+        for (i, (label, share)) in self.roles.iter().enumerate() {
+            let separator = if i == 0 { "" } else { ", " };
+            write!(f, "{separator}{label} {share:.0}")?;
         }
         write!(
             f,
-            "(% of one core); machine busy {:.0} %",
+            " (% of one core); machine busy {:.0} %",
             self.machine_busy
         )
     }
